@@ -1,0 +1,29 @@
+# nanochat's time-to-GPT-2 leaderboard, one hash-addressed artifact per stage.
+#
+#   snakemake --cores all                                      # the smoke row, on a CPU
+#   snakemake --cores all results/d24_climbmix/token_shards.json
+#
+# Store paths come from pipeline.plan (`python -m pipeline.plan show` lists them); rules only
+# choose paths and resources and call `python -m pipeline.<stage>`.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/pretokenize.smk"
+
+
+localrules:
+    all,
+    token_shards,
+
+
+rule all:
+    input:
+        "results/smoke/token_shards.json",

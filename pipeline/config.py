@@ -1,0 +1,124 @@
+"""Load and check config/config.yaml: the schema first, then cross references, then defaults.
+
+Every message names the file, the row (or dataset/tokenizer) and the field, and says what would fix it.
+"""
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from pipeline.store import StageError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+NUM_SPECIAL_TOKENS = 9  # <|bos|> and the 8 chat tokens, see pipeline.tokenizer.SPECIAL_TOKENS
+
+
+class ConfigError(StageError):
+    pass
+
+
+def schema():
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _where(path):
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _schema_messages(cfg, sch):
+    messages = []
+    for err in sorted(jsonschema.Draft202012Validator(sch).iter_errors(cfg), key=lambda e: list(e.path)):
+        # oneOf/not failures say little by themselves; the field's description says what is expected
+        hint = err.schema.get("description") or err.parent and err.parent.schema.get("description")
+        text = err.message if err.validator not in ("oneOf", "not") else f"{err.instance!r} is not allowed"
+        messages.append(f"{_where(err.absolute_path)}: {text}" + (f" ({hint})" if hint else ""))
+    return messages
+
+
+def _fill_defaults(node, sch):
+    """Set schema defaults on mappings in place (properties, and every entry of a named map)."""
+    if not isinstance(node, dict) or sch.get("type") != "object":
+        return
+    for name, sub in sch.get("properties", {}).items():
+        if name not in node and "default" in sub:
+            node[name] = copy.deepcopy(sub["default"])
+        if name in node:
+            _fill_defaults(node[name], sub)
+    extra = sch.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, value in node.items():
+            if name not in sch.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def _cross_messages(cfg):
+    out = []
+    datasets, tokenizers = cfg["datasets"], cfg["tokenizers"]
+    bundles = cfg.get("core_bundles", {})
+
+    def known(kind, names):
+        return f"known {kind}: {', '.join(sorted(names)) or 'none'}"
+
+    for name, tok in tokenizers.items():
+        ds = datasets.get(tok["dataset"])
+        if ds is None:
+            out.append(f"tokenizers.{name}.dataset: unknown dataset {tok['dataset']!r} ({known('datasets', datasets)})")
+        elif tok.get("train_shards", 1) > ds["val_shard"]:
+            out.append(f"tokenizers.{name}.train_shards: {tok['train_shards']} is past the end of dataset "
+                       f"{tok['dataset']!r}, which has {ds['val_shard']} train shards")
+    for name, row in cfg["rows"].items():
+        where = f"rows.{name}"
+        ds = datasets.get(row["dataset"])
+        if ds is None:
+            out.append(f"{where}.dataset: unknown dataset {row['dataset']!r} ({known('datasets', datasets)})")
+        if row["tokenizer"] not in tokenizers:
+            out.append(f"{where}.tokenizer: unknown tokenizer {row['tokenizer']!r} "
+                       f"({known('tokenizers', tokenizers)})")
+        shards = row.get("train_shards", "auto")
+        if ds is not None and isinstance(shards, int) and shards > ds["val_shard"]:
+            out.append(f"{where}.train_shards: {shards} is past the end of dataset {row['dataset']!r}, which has "
+                       f"{ds['val_shard']} train shards (0..{ds['val_shard'] - 1}; {ds['val_shard']} validates)")
+        bundle = row.get("core", {}).get("bundle")
+        if bundle is not None and bundle not in bundles:
+            out.append(f"{where}.core.bundle: unknown CORE bundle {bundle!r} ({known('core_bundles', bundles)})")
+        out += _batch_messages(where, row)
+    return out
+
+
+def _batch_messages(where, row):
+    train, launch = row["train"], row.get("launch", {})
+    total = train.get("total_batch_size", -1)
+    if total == -1:
+        return []  # auto-sized by the train stage, which checks divisibility once it knows the size
+    world = launch.get("nproc_per_node", 8) * launch.get("nodes", 1)
+    per_step = train.get("device_batch_size", 32) * train.get("max_seq_len", 2048) * world
+    if total % per_step:
+        return [f"{where}.train.total_batch_size: {total} tokens is not a multiple of device_batch_size x "
+                f"max_seq_len x world size = {per_step}; pick a device_batch_size (a power of 2) that divides it"]
+    return []
+
+
+def check(cfg, source="config/config.yaml"):
+    """Validated copy of `cfg` with defaults filled in; raises ConfigError listing every problem."""
+    cfg = copy.deepcopy(dict(cfg))
+    sch = schema()
+    messages = _schema_messages(cfg, sch)
+    if not messages:
+        messages = _cross_messages(cfg)
+    if messages:
+        raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(messages))
+    _fill_defaults(cfg, sch)
+    return cfg
+
+
+def load(path="config/config.yaml"):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return check(raw or {}, source=str(path))

@@ -1,0 +1,193 @@
+"""download: fetch a block of nanochat-format parquet shards, verified, resumable, in parallel.
+
+Each shard is streamed to `<work>/shard_NNNNN.parquet.part` (resumed with an HTTP Range request after
+a kill or a dropped connection), checked to be a parquet file with a `text` column, and only then
+renamed to its final name. Transient failures (connection errors, timeouts, 5xx, a body cut short,
+bytes that are not parquet) are retried with exponential backoff; a shard that stays bad fails the
+stage with the URL and the reason, and no file under a final name is ever partial.
+"""
+
+import os
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import requests
+from tqdm import tqdm
+
+from pipeline import cli, plan, store
+from pipeline.store import StageError
+
+CHUNK = 1 << 20
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+class TransientError(Exception):
+    """Worth another attempt: the server or the network may recover."""
+
+
+def shard_url(base_url, index):
+    return f"{base_url.rstrip('/')}/{shard_name(index)}"
+
+
+def _local_path(url):
+    """A local source: file:// URL or a plain path (relative to the working directory)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.netloc + parsed.path))
+    if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # a plain or a Windows path
+        return Path(url)
+    return None
+
+
+def _fetch_local(src, part, progress):
+    if not src.is_file():
+        raise StageError(f"{src}: no such file (check the dataset's base_url in config/config.yaml)")
+    have = part.stat().st_size if part.exists() else 0
+    with open(src, "rb") as fin, open(part, "ab") as fout:
+        fin.seek(have)
+        while block := fin.read(CHUNK):
+            fout.write(block)
+            progress(len(block))
+
+
+def _fetch_http(url, part, progress, timeout):
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+            if r.status_code == 416 and have:  # the .part already holds the whole body
+                return
+            if r.status_code >= 500 or r.status_code in (408, 429):
+                raise TransientError(f"HTTP {r.status_code} {r.reason}")
+            if r.status_code >= 400:
+                raise StageError(f"{url}: HTTP {r.status_code} {r.reason} (check the dataset's base_url "
+                                 "and that the shard index exists)")
+            mode = "ab" if r.status_code == 206 else "wb"  # 200: the server ignored Range, start over
+            expected = r.headers.get("Content-Length")
+            got = 0
+            with open(part, mode) as f:
+                for block in r.iter_content(CHUNK):
+                    f.write(block)
+                    got += len(block)
+                    progress(len(block))
+            if expected is not None and got != int(expected):
+                raise TransientError(f"body cut short: {got} of {expected} bytes")
+    except requests.exceptions.ChunkedEncodingError as e:
+        raise TransientError(f"body cut short ({e.__class__.__name__})") from e
+    except (requests.ConnectionError, requests.Timeout) as e:
+        raise TransientError(f"{e.__class__.__name__}: {e}") from e
+
+
+def verify_shard(path):
+    """Open as parquet and decode every row group of `text`; return (num_rows, num_row_groups)."""
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
+        for i in range(pf.num_row_groups):
+            pf.read_row_group(i, columns=["text"])
+        return pf.metadata.num_rows, pf.num_row_groups
+    except Exception as e:  # pyarrow raises several types for bytes that are not parquet
+        raise TransientError(f"not a valid nanochat shard: {e}") from e
+
+
+def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=lambda n: None):
+    """Download `url` to `dest` (verified); a partial `.part` file is resumed, never trusted."""
+    part = dest.with_name(dest.name + ".part")
+    local = _local_path(url)
+    for attempt in range(1, attempts + 1):
+        try:
+            if local is not None:
+                _fetch_local(local, part, progress)
+            else:
+                _fetch_http(url, part, progress, timeout)
+            rows, groups = verify_shard(part)
+            os.replace(part, dest)
+            return {"url": url, "num_rows": rows, "num_row_groups": groups, "attempts": attempt}
+        except TransientError as e:
+            # A verified-bad body is discarded; a cut-short one is kept so the next try resumes it.
+            if "not a valid" in str(e):
+                part.unlink(missing_ok=True)
+            if attempt == attempts:
+                raise StageError(f"{url}: failed after {attempts} attempts: {e}") from e
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(f"{url}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:.1f}s",
+                  file=sys.stderr)
+            time.sleep(wait)
+
+
+def run(spec, store_root, work_root, threads):
+    params, settings = spec["params"], spec["settings"]
+    work = store.work_dir(spec, work_root)
+    work.mkdir(parents=True, exist_ok=True)
+    started = store.now_iso()
+    names = [shard_name(i) for i in params["shards"]]
+    lock = threading.Lock()
+    bar = tqdm(total=len(names), unit="shard", desc=f"download {params['dataset']}", file=sys.stderr)
+    nbytes = [0]
+
+    def progress(n):
+        with lock:
+            nbytes[0] += n
+            bar.set_postfix_str(f"{nbytes[0] / 1e6:.0f} MB")
+
+    def one(index):
+        dest = work / shard_name(index)
+        url = shard_url(settings["base_url"], index)
+        if dest.exists():  # only ever renamed into place after verification
+            info = {"url": url, "resumed": True}
+        else:
+            info = fetch_shard(url, dest, attempts=settings["attempts"], backoff_s=settings["backoff_s"],
+                               timeout=settings["timeout_s"], progress=progress)
+        bar.update(1)
+        return shard_name(index), info
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, settings["max_parallel"], len(names))) as pool:
+            shards = dict(pool.map(one, params["shards"]))
+    finally:
+        bar.close()
+    out = store.store_dir(spec, store_root)
+    store.seal(spec, names, work, out, resolved={"shards": shards}, started_at=started)
+    return out
+
+
+def _parse_range(text):
+    """'0-31' or '0,5,9' or '6542' -> sorted list of shard indices."""
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
+
+
+def main(argv=None):
+    ap = cli.parser("download", __doc__.splitlines()[0])
+    ap.add_argument("--dataset", help="without --spec/--row: a dataset name from the config (e.g. climbmix)")
+    ap.add_argument("--shards", help="with --dataset: shard indices, e.g. 0-9 or 6542")
+    ap.add_argument("--base-url", help="override the dataset's base URL (http(s)://, file:// or a path)")
+
+    def specs_from_args(args):
+        if not (args.dataset and args.shards):
+            ap.error("give --spec, --row, or --dataset with --shards")
+        cfg = plan.load_config(args.config)
+        if args.dataset not in cfg["datasets"]:
+            raise StageError(f"{args.config}: no dataset named {args.dataset!r}")
+        spec = plan.download_spec(cfg, args.dataset, _parse_range(args.shards))
+        if args.base_url:
+            spec["settings"]["base_url"] = args.base_url
+        return [spec]
+
+    return cli.run_stage("download", ap, run, argv, specs_from_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

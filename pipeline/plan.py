@@ -1,0 +1,215 @@
+"""The plan: a pure function from the config to one spec per stage per row, each with its store key.
+
+This is the only place keys are computed. A key is the short sha256 of the canonical JSON of
+  - the stage name,
+  - its declared parameters (before any auto-resolution such as batch size or iterations),
+  - the keys of its inputs,
+  - a digest of the stage's own source files.
+So changing a training flag or `model.py` re-keys train and everything after it, while downloads,
+tokenizer and token shards keep their keys. Keys depend only on the config text and our source, never
+on data, so Snakemake knows every path at parse time.
+
+Download and pretokenize work in blocks of `block_size` consecutive shards: rows that need 170 and
+370 shards of one dataset share their first 17 blocks, and the DAG stays small.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from functools import cache
+from pathlib import Path
+
+from pipeline import config as config_mod
+from pipeline import dims
+
+PIPELINE_DIR = Path(__file__).resolve().parent
+KEY_LEN = 16
+KEY_PATTERN = f"[0-9a-f]{{{KEY_LEN}}}"
+# The files whose content decides what a stage produces. Bookkeeping (store.py, cli.py, plan.py)
+# is left out on purpose: fixing a log line must not invalidate a 3-hour training run.
+STAGE_SOURCES = {
+    "download": ("download.py",),
+    "tokenizer": ("tokenizer.py",),
+    "pretokenize": ("pretokenize.py",),
+    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py"),
+    "bundle": ("bundle.py",),
+    "core": ("core.py",),
+}
+# Flags that only name things; renaming a run must not retrain it.
+TRAIN_NAME_FLAGS = ("run", "model_tag")
+# nanochat dev/LOG.md: best-fit packing crops ~35% of tokens at T=2048, so shards are sized up by 1/0.65.
+CROP_WASTE = 0.35
+
+load_config = config_mod.load
+
+
+def canonical(obj):
+    """JSON with sorted keys; 12.0 and 12 are one value."""
+    def norm(x):
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        if isinstance(x, dict):
+            return {k: norm(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [norm(v) for v in x]
+        return x
+    return json.dumps(norm(obj), sort_keys=True, separators=(",", ":"))
+
+
+@cache
+def source_digest(stage, root=PIPELINE_DIR):
+    h = hashlib.sha256()
+    for name in STAGE_SOURCES[stage]:
+        path = Path(root) / name
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes() if path.exists() else b"<missing>")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def make_spec(stage, params, inputs=(), settings=None, root=PIPELINE_DIR):
+    """A stage spec with its key. `inputs` are "stage/key" references of the specs it reads."""
+    digest = source_digest(stage, root)
+    inputs = list(inputs)
+    key = hashlib.sha256(canonical({"stage": stage, "params": params, "inputs": inputs,
+                                    "source_digest": digest}).encode()).hexdigest()[:KEY_LEN]
+    return {"stage": stage, "key": key, "params": params, "inputs": inputs, "source_digest": digest,
+            "settings": settings or {}}
+
+
+def ref(spec):
+    return f"{spec['stage']}/{spec['key']}"
+
+
+def download_spec(cfg, dataset, shards, root=PIPELINE_DIR):
+    ds = cfg["datasets"][dataset]
+    # base_url is where, not what: a mirror or a loopback test server yields the same shards.
+    params = {"dataset": dataset, "hf_repo": ds.get("hf_repo"), "shards": list(shards)}
+    settings = {"base_url": ds["base_url"], "attempts": 5, "backoff_s": 1.0, "timeout_s": 60,
+                "max_parallel": ds.get("max_parallel", 8)}
+    return make_spec("download", params, settings=settings, root=root)
+
+
+def shard_blocks(cfg, dataset, num_shards):
+    """Whole blocks covering train shards 0..num_shards-1 (never past the validation shard)."""
+    ds = cfg["datasets"][dataset]
+    size = ds.get("block_size", 10)
+    end = min(math.ceil(num_shards / size) * size, ds["val_shard"])
+    return [list(range(lo, min(lo + size, end))) for lo in range(0, end, size)]
+
+
+def resolve_train_shards(cfg, row):
+    """`train_shards: auto` -> enough shards for the row's training tokens, allowing for cropping."""
+    shards = row.get("train_shards", "auto")
+    if shards != "auto":
+        return shards
+    ds = cfg["datasets"][row["dataset"]]
+    vocab = cfg["tokenizers"][row["tokenizer"]]["vocab_size"]
+    tokens = dims.training_tokens(row["train"], vocab)
+    need = math.ceil(tokens / (ds.get("tokens_per_shard", 50e6) * (1 - CROP_WASTE)))
+    return max(1, min(need, ds["val_shard"]))
+
+
+class Plan:
+    """Every spec by key, and each row's keys per stage."""
+
+    def __init__(self):
+        self.specs = {}
+        self.rows = {}
+
+    def add(self, spec):
+        self.specs.setdefault(spec["key"], spec)
+        return spec
+
+    def spec(self, stage, key):
+        spec = self.specs.get(key)
+        if spec is None or spec["stage"] != stage:
+            raise KeyError(f"no {stage} spec with key {key} in the plan of this config (a stale path? "
+                           f"`python -m pipeline.plan show` lists the current keys)")
+        return spec
+
+    def keys(self, stage):
+        return sorted(k for k, s in self.specs.items() if s["stage"] == stage)
+
+
+def tokenizer_spec(plan, cfg, name, root=PIPELINE_DIR):
+    tok = cfg["tokenizers"][name]
+    blocks = shard_blocks(cfg, tok["dataset"], tok["train_shards"])
+    downloads = [plan.add(download_spec(cfg, tok["dataset"], b, root)) for b in blocks]
+    params = {k: tok[k] for k in ("vocab_size", "max_chars", "doc_cap", "train_shards")}
+    val = plan.add(download_spec(cfg, tok["dataset"], [cfg["datasets"][tok["dataset"]]["val_shard"]], root))
+    return plan.add(make_spec("tokenizer", params, [ref(d) for d in downloads] + [ref(val)], root=root))
+
+
+def _pretokenize_spec(plan, cfg, dataset, shards, tokenizer, root):
+    download = plan.add(download_spec(cfg, dataset, shards, root))
+    return plan.add(make_spec("pretokenize", {}, [ref(tokenizer), ref(download)], root=root))
+
+
+def _row_plan(plan, cfg, name, row, root):
+    """The row's keys per stage, in order (the last pretokenize block is the validation shard)."""
+    tokenizer = tokenizer_spec(plan, cfg, row["tokenizer"], root)
+    dataset = row["dataset"]
+    blocks = shard_blocks(cfg, dataset, resolve_train_shards(cfg, row))
+    blocks.append([cfg["datasets"][dataset]["val_shard"]])
+    pretokenized = [_pretokenize_spec(plan, cfg, dataset, b, tokenizer, root) for b in blocks]
+    flags = {k: v for k, v in row["train"].items() if k not in TRAIN_NAME_FLAGS}
+    launch = {"nproc_per_node": 8, "nodes": 1, **row.get("launch", {})}
+    names = {k: row["train"][k] for k in TRAIN_NAME_FLAGS if k in row["train"]}
+    train = plan.add(make_spec("train", flags, [ref(tokenizer)] + [ref(b) for b in pretokenized],
+                               settings={"row": name, "launch": launch, **names}, root=root))
+    downloads = [r for s in (tokenizer, *pretokenized) for r in s["inputs"] if r.startswith("download/")]
+    keys = {"download": list(dict.fromkeys(r.split("/")[1] for r in downloads)),
+            "tokenizer": [tokenizer["key"]], "pretokenize": [b["key"] for b in pretokenized],
+            "train": [train["key"]], "train_shards": sum(map(len, blocks[:-1]))}
+    core_cfg = {"bundle": None, "max_per_task": -1, "allow_missing_tasks": False, **row.get("core", {})}
+    if core_cfg["bundle"] is not None:
+        bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
+        bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
+                                    root=root))
+        core = plan.add(make_spec("core", {k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks")},
+                                  [ref(train), ref(bundle), ref(tokenizer)], root=root))
+        keys.update(bundle=[bundle["key"]], core=[core["key"]])
+    return keys
+
+
+def make_plan(cfg, root=PIPELINE_DIR):
+    """Pure: the same config and sources always give the same plan. `cfg` must be checked already."""
+    plan = Plan()
+    for name, row in cfg["rows"].items():
+        plan.rows[name] = _row_plan(plan, cfg, name, row, root)
+    return plan
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="config/config.yaml")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    show = sub.add_parser("show", help="print each row's store keys per stage")
+    show.add_argument("--row", action="append", help="only these rows")
+    spec = sub.add_parser("spec", help="print one spec as JSON")
+    spec.add_argument("key")
+    args = ap.parse_args(argv)
+    try:
+        plan = make_plan(load_config(args.config))
+    except config_mod.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "spec":
+        found = plan.specs.get(args.key)
+        if found is None:
+            print(f"error: no spec with key {args.key} in this config's plan", file=sys.stderr)
+            return 2
+        print(json.dumps(found, indent=2, sort_keys=True))
+        return 0
+    for name, row in plan.rows.items():
+        if args.row and name not in args.row:
+            continue
+        print(json.dumps({name: row}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

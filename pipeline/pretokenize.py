@@ -1,0 +1,93 @@
+"""pretokenize: turn each parquet shard of a block into a memory-mappable token shard.
+
+For every `shard_NNNNN.parquet` of the input block it writes
+  shard_NNNNN.tokens.npy   every document's tokens, each document prefixed by <|bos|>, concatenated
+                           (uint16 when the vocabulary fits, else uint32)
+  shard_NNNNN.docs.npy     int64 offsets: document i is tokens[docs[i]:docs[i+1]]
+and `index.json` for the block (dtype, bos id, per-shard document and token counts). The bytes depend
+only on the input shards and the tokenizer, never on the number of threads.
+"""
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import cli, store, tokenizer
+from pipeline.store import StageError
+
+CHUNK_DOCS = 64  # documents per task: large enough to hide thread hand-off, small enough to balance
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def encode_shard(enc, path, pool, dtype):
+    """(tokens, offsets) for one parquet shard; documents keep their parquet order."""
+    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    bos = np.array([enc.encode_single_token(tokenizer.BOS)], dtype=dtype)
+
+    def encode_chunk(chunk):
+        # encode_to_numpy hands back the Rust buffer without building a Python list, and releases
+        # the GIL while encoding, so the threads really run in parallel.
+        parts = []
+        for text in chunk:
+            parts.append(bos)
+            parts.append(enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False))
+        tokens = np.concatenate(parts) if parts else np.empty(0, dtype)
+        return tokens, np.array([len(p) for p in parts[1::2]], dtype=np.int64) + 1
+
+    chunks = [texts[i:i + CHUNK_DOCS] for i in range(0, len(texts), CHUNK_DOCS)]
+    results = list(pool.map(encode_chunk, chunks))
+    tokens = np.concatenate([t for t, _ in results]) if results else np.empty(0, dtype)
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    if results:
+        np.cumsum(np.concatenate([n for _, n in results]), out=offsets[1:])
+    return tokens, offsets
+
+
+def run(spec, store_root, work_root, threads):
+    tok_dir, shard_dir = (Path(store_root) / r for r in spec["inputs"])
+    for d in (tok_dir, shard_dir):
+        store.read_manifest(d)
+    enc = tokenizer.load(tok_dir)
+    dtype = token_dtype(enc.n_vocab)
+    paths = tokenizer.shard_files([shard_dir])
+    if not paths:
+        raise StageError(f"{shard_dir}: no shard_*.parquet files to pretokenize")
+    work = store.work_dir(spec, work_root)
+    started = store.now_iso()
+    index = {"dtype": np.dtype(dtype).name, "bos": enc.encode_single_token(tokenizer.BOS),
+             "vocab_size": enc.n_vocab, "shards": []}
+    files = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for path in paths:
+            stem = path.name.removesuffix(".parquet")
+            tokens_path, docs_path = work / f"{stem}.tokens.npy", work / f"{stem}.docs.npy"
+            if tokens_path.exists() and docs_path.exists():  # done before a kill; both written atomically
+                tokens, offsets = np.load(tokens_path, mmap_mode="r"), np.load(docs_path)
+            else:
+                tokens, offsets = encode_shard(enc, path, pool, dtype)
+                store.write_npy(tokens_path, tokens)
+                store.write_npy(docs_path, offsets)
+            files += [f"{stem}.tokens.npy", f"{stem}.docs.npy"]
+            index["shards"].append({"name": stem, "documents": len(offsets) - 1, "tokens": int(len(tokens))})
+            print(f"{path.name}: {len(offsets) - 1} documents, {len(tokens)} tokens", file=sys.stderr)
+    index["documents"] = sum(s["documents"] for s in index["shards"])
+    index["tokens"] = sum(s["tokens"] for s in index["shards"])
+    store.write_json(work / "index.json", index)
+    out = store.store_dir(spec, store_root)
+    store.seal(spec, files + ["index.json"], work, out, resolved={k: index[k] for k in ("documents", "tokens")},
+               started_at=started)
+    return out
+
+
+def main(argv=None):
+    return cli.run_stage("pretokenize", cli.parser("pretokenize", __doc__.splitlines()[0]), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""publish: a row's public files under results/<row>/, copied from the store (never linked).
+
+    python -m pipeline.publish token-shards --row smoke --tokenizer DIR --blocks DIR... --out FILE
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import store
+from pipeline.store import StageError
+
+
+def token_shards(row, tokenizer_dir, block_dirs):
+    """The row's training data at a glance: keys, paths and counts, from the stage manifests."""
+    tok = store.read_manifest(tokenizer_dir)
+    blocks = []
+    for d in block_dirs:
+        manifest = store.read_manifest(d)
+        index = json.loads((Path(d) / "index.json").read_text())
+        blocks.append({"key": manifest["key"], "path": str(d), "shards": [s["name"] for s in index["shards"]],
+                       "documents": index["documents"], "tokens": index["tokens"], "dtype": index["dtype"]})
+    *train, val = blocks
+    return {"row": row,
+            "tokenizer": {"key": tok["key"], "path": str(tokenizer_dir), "vocab_size": tok["params"]["vocab_size"],
+                          "bytes_per_token": tok["resolved"]["bytes_per_token"]},
+            "train": train, "val": val,
+            "train_shards": sum(len(b["shards"]) for b in train),
+            "train_tokens": sum(b["tokens"] for b in train),
+            "train_documents": sum(b["documents"] for b in train)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.publish", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ts = sub.add_parser("token-shards", help="results/<row>/token_shards.json")
+    ts.add_argument("--row", required=True)
+    ts.add_argument("--tokenizer", required=True, help="the row's tokenizer store directory")
+    ts.add_argument("--blocks", nargs="+", required=True, help="pretokenize directories, the last is validation")
+    ts.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

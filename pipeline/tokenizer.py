@@ -1,0 +1,150 @@
+"""tokenizer: train a GPT-4-style byte-level BPE (rustbpe) and save it for tiktoken.
+
+Trained on the first `max_chars` characters of the first `train_shards` train shards, each document
+cropped to `doc_cap` characters (nanochat's tok_train). Written files:
+  tokenizer.tiktoken   merges in tiktoken's own format (base64 token, rank)
+  tokenizer.json       split pattern, special tokens and their ids, vocab size
+  token_bytes.npy      int32 bytes per token id (0 for special tokens), for bits per byte
+  compression.json     bytes/token on the validation shard and training facts
+"""
+
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import rustbpe
+import tiktoken
+
+from pipeline import cli, store
+from pipeline.store import StageError
+
+# Numbers split into groups of at most 2 digits (\p{N}{1,2}, not GPT-4's {1,3}): nanochat measured a
+# lower val_bpb for it at a 32K vocab (dev/LOG.md, Jan 13 2026).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+BOS = "<|bos|>"
+FILES = ("tokenizer.tiktoken", "tokenizer.json", "token_bytes.npy", "compression.json")
+
+
+def shard_files(dirs):
+    """Every parquet shard in the given download directories, in shard order."""
+    return sorted((p for d in dirs for p in Path(d).glob("shard_*.parquet")), key=lambda p: p.name)
+
+
+def iter_texts(paths, max_chars=None, doc_cap=None, batch=None):
+    """Documents of `paths` in order, cropped to doc_cap, until max_chars have been yielded."""
+    total = 0
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        for i in range(pf.num_row_groups):
+            for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
+                text = text[:doc_cap] if doc_cap else text
+                yield text
+                total += len(text)
+                if max_chars is not None and total >= max_chars:
+                    return
+
+
+def train_bpe(texts, vocab_size):
+    """Merges for vocab_size - len(SPECIAL_TOKENS) byte-level tokens; returns {token bytes: rank}."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise StageError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    return {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+
+
+def encoding(ranks, special_tokens, pattern=SPLIT_PATTERN, name="speedrun"):
+    return tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens)
+
+
+def save(directory, ranks):
+    """Write tokenizer.tiktoken + tokenizer.json; special tokens take the ids after the merges."""
+    directory = Path(directory)
+    offset = len(ranks)
+    specials = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+    lines = (f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda x: x[1]))
+    store.atomic_write(directory / "tokenizer.tiktoken", "".join(lines))
+    store.write_json(directory / "tokenizer.json", {"pattern": SPLIT_PATTERN, "special_tokens": specials,
+                                                    "vocab_size": offset + len(specials), "bos": BOS})
+    return encoding(ranks, specials)
+
+
+def load(directory):
+    """The tiktoken Encoding saved in `directory` (a tokenizer store directory)."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "tokenizer.json").read_text())
+        ranks = {}
+        for line in (directory / "tokenizer.tiktoken").read_text().splitlines():
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    except (OSError, ValueError) as e:
+        raise StageError(f"{directory}: not a readable tokenizer ({e}); rerun its tokenizer stage") from e
+    return encoding(ranks, meta["special_tokens"], meta["pattern"])
+
+
+def token_bytes(enc):
+    """Bytes each token id stands for; special tokens count 0 so they add nothing to bits per byte."""
+    special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    return np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                    dtype=np.int32)
+
+
+def compression(enc, paths, threads):
+    texts = list(iter_texts(paths))
+    ids = enc.encode_ordinary_batch(texts, num_threads=threads)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    ntokens = sum(map(len, ids))
+    return {"val_documents": len(texts), "val_bytes": nbytes, "val_chars": sum(map(len, texts)),
+            "val_tokens": ntokens, "bytes_per_token": nbytes / max(ntokens, 1)}
+
+
+def run(spec, store_root, work_root, threads):
+    params = spec["params"]
+    dirs = [Path(store_root) / r for r in spec["inputs"]]
+    for d in dirs:
+        store.read_manifest(d)  # refuse unfinished inputs
+    *train_dirs, val_dir = dirs
+    train_paths = shard_files(train_dirs)[: params["train_shards"]]
+    if not train_paths:
+        raise StageError(f"no train shards found in {', '.join(map(str, train_dirs))}")
+    started = store.now_iso()
+    t0 = time.time()
+    chars = [0]
+
+    def counted():
+        for text in iter_texts(train_paths, params["max_chars"], params["doc_cap"]):
+            chars[0] += len(text)
+            yield text
+
+    ranks = train_bpe(counted(), params["vocab_size"])
+    train_time = time.time() - t0
+    work = store.work_dir(spec, work_root)
+    enc = save(work, ranks)
+    tb = token_bytes(enc)
+    store.write_npy(work / "token_bytes.npy", tb)
+    report = compression(enc, shard_files([val_dir]), threads)
+    nonzero = tb[tb > 0]
+    report.update(train_chars=chars[0], train_shards=[p.name for p in train_paths], train_time_s=train_time,
+                  vocab_size=enc.n_vocab, num_special_tokens=len(SPECIAL_TOKENS),
+                  token_bytes_min=int(nonzero.min()), token_bytes_max=int(nonzero.max()),
+                  token_bytes_mean=float(nonzero.mean()))
+    store.write_json(work / "compression.json", report)
+    out = store.store_dir(spec, store_root)
+    store.seal(spec, FILES, work, out, resolved=report, started_at=started)
+    return out
+
+
+def main(argv=None):
+    return cli.run_stage("tokenizer", cli.parser("tokenizer", __doc__.splitlines()[0]), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+# Shared by every rule: the checked config, the plan (the only source of store keys) and helpers
+# that turn a {key} wildcard into the spec, inputs and command line of its stage.
+import json
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, workflow.basedir)  # `pipeline` imports from the checkout without an install
+from pipeline import config as pipeline_config  # noqa: E402
+from pipeline import plan as pipeline_plan  # noqa: E402
+
+try:
+    CFG = pipeline_config.check(config)
+except pipeline_config.ConfigError as e:
+    raise WorkflowError(str(e)) from None
+
+PLAN = pipeline_plan.make_plan(CFG)
+STORE = CFG["store_dir"]
+WORK = CFG["work_dir"]
+LOGS = "results/logs"
+BENCHMARKS = "results/benchmarks"
+# The interpreter running Snakemake: jobs use the same environment even when it is not activated.
+PYTHON = sys.executable
+
+
+wildcard_constraints:
+    key=pipeline_plan.KEY_PATTERN,
+    row="|".join(re.escape(r) for r in PLAN.rows),
+
+
+def store_dirs(stage, keys):
+    return [f"{STORE}/{stage}/{k}" for k in keys]
+
+
+def spec_inputs(stage):
+    """Input function: the store directories a spec reads, from the plan."""
+    return lambda w: [f"{STORE}/{r}" for r in PLAN.spec(stage, w.key)["inputs"]]
+
+
+def spec_json(stage):
+    """Params function: the spec as compact JSON for `python -m pipeline.<stage> --spec`."""
+    return lambda w: json.dumps(PLAN.spec(stage, w.key), sort_keys=True, separators=(",", ":"))
+
+
+def row_dirs(stage):
+    """Input function: a row's store directories for one stage."""
+    return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
+
+
+STAGE_ARGS = "--spec {params.spec:q} --store {STORE:q} --work {WORK:q} --threads {threads}"

@@ -1,0 +1,32 @@
+rule pretokenize:
+    """One memory-mappable token shard per parquet shard of a block."""
+    input:
+        spec_inputs("pretokenize"),
+    output:
+        directory(f"{STORE}/pretokenize/{{key}}"),
+    params:
+        spec=spec_json("pretokenize"),
+    log:
+        f"{LOGS}/pretokenize/{{key}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pretokenize/{{key}}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=16000,
+        runtime=120,
+    shell:
+        "{PYTHON} -m pipeline.pretokenize " + STAGE_ARGS + " > {log} 2>&1"
+
+
+rule token_shards:
+    """The row's data, ready to train on: tokenizer and token shard blocks, with counts."""
+    input:
+        tokenizer=row_dirs("tokenizer"),
+        blocks=row_dirs("pretokenize"),
+    output:
+        "results/{row}/token_shards.json",
+    log:
+        f"{LOGS}/token_shards/{{row}}.log",
+    shell:
+        "{PYTHON} -m pipeline.publish token-shards --row {wildcards.row} --tokenizer {input.tokenizer}"
+        " --blocks {input.blocks} --out {output} > {log} 2>&1"
