@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from pipeline import plan, store
 from pipeline.store import StageError
@@ -29,6 +30,9 @@ def parser(stage, description):
     ap.add_argument("--work", help="root for resumable scratch that survives a kill "
                                    f"(default: the config's work_dir, or {DEFAULT_WORK})")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="worker threads (default: all cores)")
+    ap.add_argument("--inputs", nargs="+", help="with --spec: the input store directories in the spec's order "
+                                               "(default: <store>/<stage>/<key> of each)")
+    ap.add_argument("--out", help="with --spec: the output store directory (default: <store>/<stage>/<key>)")
     return ap
 
 
@@ -54,14 +58,20 @@ def run_stage(stage, ap, run, argv=None, specs_from_args=None):
             specs = specs_from_args(args)
         else:
             ap.error("give --spec or --row")
-        store_root, work_root = args.store or roots["store_dir"], args.work or roots["work_dir"]
+        store_root, work_root = Path(args.store or roots["store_dir"]), Path(args.work or roots["work_dir"])
         for spec in specs:
-            out = store.store_dir(spec, store_root)
+            out = Path(args.out) if args.out and args.spec else store.store_dir(spec, store_root)
+            inputs = args.inputs if args.inputs and args.spec else [store_root / r for r in spec["inputs"]]
+            if len(inputs) != len(spec["inputs"]):
+                raise StageError(f"--inputs gave {len(inputs)} directories; the spec reads {len(spec['inputs'])}")
             if (out / store.MANIFEST).exists():
                 print(f"{stage} {spec['key']}: up to date ({out})", file=sys.stderr)
                 continue
             t0 = time.time()
-            run(spec, store_root=store_root, work_root=work_root, threads=max(1, args.threads))
+            for d in inputs:
+                store.read_manifest(d)  # refuse an input whose stage did not finish
+            run(spec, inputs=[Path(d) for d in inputs], out=out, work=store.work_dir(spec, work_root),
+                threads=max(1, args.threads))
             print(f"{stage} {spec['key']}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -124,9 +124,8 @@ def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=la
             time.sleep(wait)
 
 
-def run(spec, store_root, work_root, threads):
+def run(spec, inputs, out, work, threads):
     params, settings = spec["params"], spec["settings"]
-    work = store.work_dir(spec, work_root)
     work.mkdir(parents=True, exist_ok=True)
     started = store.now_iso()
     names = [shard_name(i) for i in params["shards"]]
@@ -151,13 +150,12 @@ def run(spec, store_root, work_root, threads):
         return shard_name(index), info
 
     try:
-        with ThreadPoolExecutor(max_workers=min(threads, settings["max_parallel"], len(names))) as pool:
+        # I/O bound: parallel connections, not cores, decide the speed
+        with ThreadPoolExecutor(max_workers=min(settings["max_parallel"], len(names))) as pool:
             shards = dict(pool.map(one, params["shards"]))
     finally:
         bar.close()
-    out = store.store_dir(spec, store_root)
     store.seal(spec, names, work, out, resolved={"shards": shards}, started_at=started)
-    return out
 
 
 def _parse_range(text):

@@ -10,7 +10,6 @@ only on the input shards and the tokenizer, never on the number of threads.
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -49,16 +48,13 @@ def encode_shard(enc, path, pool, dtype):
     return tokens, offsets
 
 
-def run(spec, store_root, work_root, threads):
-    tok_dir, shard_dir = (Path(store_root) / r for r in spec["inputs"])
-    for d in (tok_dir, shard_dir):
-        store.read_manifest(d)
+def run(spec, inputs, out, work, threads):
+    tok_dir, shard_dir = inputs
     enc = tokenizer.load(tok_dir)
     dtype = token_dtype(enc.n_vocab)
     paths = tokenizer.shard_files([shard_dir])
     if not paths:
         raise StageError(f"{shard_dir}: no shard_*.parquet files to pretokenize")
-    work = store.work_dir(spec, work_root)
     started = store.now_iso()
     index = {"dtype": np.dtype(dtype).name, "bos": enc.encode_single_token(tokenizer.BOS),
              "vocab_size": enc.n_vocab, "shards": []}
@@ -79,10 +75,8 @@ def run(spec, store_root, work_root, threads):
     index["documents"] = sum(s["documents"] for s in index["shards"])
     index["tokens"] = sum(s["tokens"] for s in index["shards"])
     store.write_json(work / "index.json", index)
-    out = store.store_dir(spec, store_root)
     store.seal(spec, files + ["index.json"], work, out, resolved={k: index[k] for k in ("documents", "tokens")},
                started_at=started)
-    return out
 
 
 def main(argv=None):

@@ -106,12 +106,9 @@ def compression(enc, paths, threads):
             "val_tokens": ntokens, "bytes_per_token": nbytes / max(ntokens, 1)}
 
 
-def run(spec, store_root, work_root, threads):
+def run(spec, inputs, out, work, threads):
     params = spec["params"]
-    dirs = [Path(store_root) / r for r in spec["inputs"]]
-    for d in dirs:
-        store.read_manifest(d)  # refuse unfinished inputs
-    *train_dirs, val_dir = dirs
+    *train_dirs, val_dir = inputs
     train_paths = shard_files(train_dirs)[: params["train_shards"]]
     if not train_paths:
         raise StageError(f"no train shards found in {', '.join(map(str, train_dirs))}")
@@ -126,7 +123,6 @@ def run(spec, store_root, work_root, threads):
 
     ranks = train_bpe(counted(), params["vocab_size"])
     train_time = time.time() - t0
-    work = store.work_dir(spec, work_root)
     enc = save(work, ranks)
     tb = token_bytes(enc)
     store.write_npy(work / "token_bytes.npy", tb)
@@ -137,9 +133,7 @@ def run(spec, store_root, work_root, threads):
                   token_bytes_min=int(nonzero.min()), token_bytes_max=int(nonzero.max()),
                   token_bytes_mean=float(nonzero.mean()))
     store.write_json(work / "compression.json", report)
-    out = store.store_dir(spec, store_root)
     store.seal(spec, FILES, work, out, resolved=report, started_at=started)
-    return out
 
 
 def main(argv=None):

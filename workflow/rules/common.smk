@@ -1,6 +1,7 @@
 # Shared by every rule: the checked config, the plan (the only source of store keys) and helpers
 # that turn a {key} wildcard into the spec, inputs and command line of its stage.
 import json
+import os
 import re
 import sys
 
@@ -19,9 +20,16 @@ PLAN = pipeline_plan.make_plan(CFG)
 STORE = CFG["store_dir"]
 WORK = CFG["work_dir"]
 LOGS = "results/logs"
+
+
+envvars:
+    "PATH",
+
 BENCHMARKS = "results/benchmarks"
-# The interpreter running Snakemake: jobs use the same environment even when it is not activated.
-PYTHON = sys.executable
+CONDA_ENV = "../../envs/environment.yaml"
+# Jobs run `python` from the environment running Snakemake, even when it is not activated (a
+# --software-deployment-method conda job puts its own environment first again).
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 wildcard_constraints:
@@ -47,5 +55,3 @@ def row_dirs(stage):
     """Input function: a row's store directories for one stage."""
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
 
-
-STAGE_ARGS = "--spec {params.spec:q} --store {STORE:q} --work {WORK:q} --threads {threads}"

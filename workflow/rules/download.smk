@@ -4,13 +4,17 @@ rule download:
         directory(f"{STORE}/download/{{key}}"),
     params:
         spec=spec_json("download"),
+        work=WORK,
     log:
         f"{LOGS}/download/{{key}}.log",
     benchmark:
         f"{BENCHMARKS}/download/{{key}}.tsv"
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=2000,
         runtime=120,
     shell:
-        "{PYTHON} -m pipeline.download " + STAGE_ARGS + " > {log} 2>&1"
+        "python -m pipeline.download --spec {params.spec:q} --out {output:q}"
+        " --work {params.work:q} --threads {threads} > {log} 2>&1"

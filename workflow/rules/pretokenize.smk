@@ -6,16 +6,20 @@ rule pretokenize:
         directory(f"{STORE}/pretokenize/{{key}}"),
     params:
         spec=spec_json("pretokenize"),
+        work=WORK,
     log:
         f"{LOGS}/pretokenize/{{key}}.log",
     benchmark:
         f"{BENCHMARKS}/pretokenize/{{key}}.tsv"
+    conda:
+        CONDA_ENV
     threads: workflow.cores
     resources:
         mem_mb=16000,
         runtime=120,
     shell:
-        "{PYTHON} -m pipeline.pretokenize " + STAGE_ARGS + " > {log} 2>&1"
+        "python -m pipeline.pretokenize --spec {params.spec:q} --out {output:q}"
+        " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"
 
 
 rule token_shards:
@@ -27,6 +31,8 @@ rule token_shards:
         "results/{row}/token_shards.json",
     log:
         f"{LOGS}/token_shards/{{row}}.log",
+    conda:
+        CONDA_ENV
     shell:
-        "{PYTHON} -m pipeline.publish token-shards --row {wildcards.row} --tokenizer {input.tokenizer}"
+        "python -m pipeline.publish token-shards --row {wildcards.row} --tokenizer {input.tokenizer}"
         " --blocks {input.blocks} --out {output} > {log} 2>&1"

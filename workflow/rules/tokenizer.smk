@@ -6,13 +6,17 @@ rule tokenizer:
         directory(f"{STORE}/tokenizer/{{key}}"),
     params:
         spec=spec_json("tokenizer"),
+        work=WORK,
     log:
         f"{LOGS}/tokenizer/{{key}}.log",
     benchmark:
         f"{BENCHMARKS}/tokenizer/{{key}}.tsv"
+    conda:
+        CONDA_ENV
     threads: workflow.cores
     resources:
         mem_mb=32000,
         runtime=60,
     shell:
-        "RAYON_NUM_THREADS={threads} {PYTHON} -m pipeline.tokenizer " + STAGE_ARGS + " > {log} 2>&1"
+        "RAYON_NUM_THREADS={threads} python -m pipeline.tokenizer --spec {params.spec:q} --out {output:q}"
+        " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"
