@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline import cli, plan, store
 from pipeline.store import StageError
 
-CHUNK = 1 << 20
+CHUNK = 1 << 16  # small enough that a dropped connection keeps most of what arrived
 
 
 def shard_name(index):

@@ -61,21 +61,28 @@ class TokenShards:
 
 
 class DocStream:
-    """(length, shard, doc) of every document in order, forever; the position counts epochs from 1."""
+    """(length, shard, doc) of every document in order, epoch after epoch (forever unless `epochs`
+    is given); the position counts epochs from 1."""
 
-    def __init__(self, shards, position=(1, 0, 0)):
+    def __init__(self, shards, position=(1, 0, 0), epochs=None):
         self.shards = shards
         self.epoch, self.shard, self.doc = position
+        self.last_epoch = None if epochs is None else self.epoch + epochs - 1
         self._lengths = None
 
     def position(self):
         return [self.epoch, self.shard, self.doc]
+
+    def __iter__(self):
+        return self
 
     def __next__(self):
         while self.doc >= self.shards.num_docs[self.shard]:
             self.shard, self.doc, self._lengths = self.shard + 1, 0, None
             if self.shard == len(self.shards.paths):
                 self.epoch, self.shard = self.epoch + 1, 0
+        if self.last_epoch is not None and self.epoch > self.last_epoch:
+            raise StopIteration
         if self._lengths is None:
             self._lengths = np.diff(self.shards.offsets(self.shard))
         item = (int(self._lengths[self.doc]), self.shard, self.doc)
@@ -104,11 +111,17 @@ class BestFitPacker:
         return [[n, *d] for n, d in zip(self.lengths, self.docs, strict=True)]
 
     def next_row(self):
+        """The next row; at the end of a finite stream the last row may be short, then StopIteration."""
         row, room = [], self.capacity
         while room:
-            while len(self.lengths) < self.buffer_size:
-                length, shard, doc = next(self.stream)
+            for length, shard, doc in self.stream:
                 self._push(length, (shard, doc))
+                if len(self.lengths) >= self.buffer_size:
+                    break
+            if not self.lengths:  # a finite stream ran dry
+                if row:
+                    return row
+                raise StopIteration
             i = bisect.bisect_right(self.lengths, room) - 1
             if i >= 0:  # the largest document that fits whole
                 length, doc = self._pop(i)
@@ -122,18 +135,24 @@ class BestFitPacker:
 
 
 class DistributedLoader:
-    """Yields (inputs, targets) int64 arrays of shape (batch_size, seq_len) for one rank."""
+    """Yields (inputs, targets) int64 arrays of shape (batch_size, seq_len) for one rank.
 
-    def __init__(self, block_dirs, batch_size, seq_len, rank=0, world_size=1, buffer_size=1000, state=None):
+    With `epochs` (e.g. 1 for a validation pass) the stream ends; the last micro-batch is padded
+    with <|bos|> inputs and -1 targets (ignored by the loss), then StopIteration.
+    """
+
+    def __init__(self, block_dirs, batch_size, seq_len, rank=0, world_size=1, buffer_size=1000, state=None,
+                 epochs=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.shards = TokenShards(block_dirs)
         self.batch_size, self.seq_len, self.rank, self.world = batch_size, seq_len, rank, world_size
         state = state or {}
-        self.stream = DocStream(self.shards, tuple(state.get("position", (1, 0, 0))))
+        self.stream = DocStream(self.shards, tuple(state.get("position", (1, 0, 0))), epochs)
         self.packer = BestFitPacker(self.stream, seq_len + 1, buffer_size, state.get("buffer", ()))
         self.micro_batches = state.get("micro_batches", 0)  # global count dealt so far, all ranks
         self.cropped_tokens = self.used_tokens = 0
+        self.last_rows = []  # this rank's rows of the last batch, as (shard, doc, ntokens) segments
 
     def state_dict(self):
         """Where the global row sequence stands; identical on every rank after the same step."""
@@ -141,7 +160,7 @@ class DistributedLoader:
                 "micro_batches": self.micro_batches}
 
     def _materialize(self, row):
-        out = np.empty(self.seq_len + 1, dtype=np.int64)
+        out = np.full(self.seq_len + 1, self.shards.bos, dtype=np.int64)
         at = 0
         for shard, doc, n in row:
             tokens = self.shards.doc(shard, doc)
@@ -149,18 +168,37 @@ class DistributedLoader:
             at += n
             self.cropped_tokens += len(tokens) - n
             self.used_tokens += n
-        return out
+        return out, at
+
+    def _rows(self):
+        rows = []
+        for _ in range(self.batch_size):
+            try:
+                rows.append(self.packer.next_row())
+            except StopIteration:
+                break
+        return rows
 
     def next_batch(self):
         """This rank's next micro-batch. Each call packs one round of `world` micro-batches, so all
         ranks stand at the same place in the row sequence after every call."""
-        batch = None
+        mine = None
         for owner in range(self.world):
-            rows = [self.packer.next_row() for _ in range(self.batch_size)]
+            rows = self._rows()
             if owner == self.rank:  # other ranks' rows are packed (lengths only) but never read
-                batch = np.stack([self._materialize(r) for r in rows])
+                mine = rows
         self.micro_batches += self.world
-        return batch[:, :-1], batch[:, 1:]
+        if not mine:
+            raise StopIteration
+        self.last_rows = mine
+        batch = np.full((self.batch_size, self.seq_len + 1), self.shards.bos, dtype=np.int64)
+        targets_end = np.zeros(self.batch_size, dtype=np.int64)
+        for i, row in enumerate(mine):
+            batch[i], targets_end[i] = self._materialize(row)
+        inputs, targets = batch[:, :-1], batch[:, 1:].copy()
+        # positions past a short row's end (only at the end of a finite stream) are not trained on
+        targets[np.arange(self.seq_len)[None, :] >= targets_end[:, None] - 1] = -1
+        return inputs, targets
 
     def __iter__(self):
         return self

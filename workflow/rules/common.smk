@@ -20,16 +20,18 @@ PLAN = pipeline_plan.make_plan(CFG)
 STORE = CFG["store_dir"]
 WORK = CFG["work_dir"]
 LOGS = "results/logs"
+BENCHMARKS = "results/benchmarks"
+CONDA_ENV = "../../envs/environment.yaml"
+# Jobs run `python` from the environment running Snakemake, even when it is not activated (a
+# --software-deployment-method conda job puts its own environment first again) ...
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# ... and import `pipeline` from this checkout, the one whose sources the keys were computed from.
+os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 
 envvars:
     "PATH",
-
-BENCHMARKS = "results/benchmarks"
-CONDA_ENV = "../../envs/environment.yaml"
-# Jobs run `python` from the environment running Snakemake, even when it is not activated (a
-# --software-deployment-method conda job puts its own environment first again).
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    "PYTHONPATH",
 
 
 wildcard_constraints:

@@ -1,0 +1,134 @@
+"""Shared fixtures: the shipped real-text shards, a loopback shard server with scripted faults, configs."""
+
+import copy
+import http.server
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WEBTEXT = REPO / "tests" / "fixtures" / "webtext"
+CORE_MINI = REPO / "tests" / "fixtures" / "core_bundle_mini"
+
+
+class ShardServer:
+    """Serves files of a folder on 127.0.0.1, honouring Range; `faults[name]` is a list of behaviours
+    used one per request ("500", "cut", "garbage", "stall", "404"), after which requests succeed."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.faults = {}
+        self.requests = []  # (file name, Range header or None)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                server.requests.append((name, self.headers.get("Range")))
+                pending = server.faults.get(name) or []
+                fault = pending.pop(0) if pending else None
+                path = server.root / name
+                if fault == "404" or not path.is_file():
+                    return self.send_error(404)
+                if fault == "500":
+                    return self.send_error(500, "scripted failure")
+                data = path.read_bytes()
+                if fault == "garbage":
+                    data = b"<html>this is not a parquet file</html>" * 10
+                start = 0
+                m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if m and fault != "garbage":
+                    start = int(m.group(1))
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "stall":
+                    time.sleep(3)
+                if fault == "cut":  # promise the whole body, send half, hang up
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def shard_server():
+    with ShardServer(WEBTEXT) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def repo_config():
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.fixture
+def smoke_config(repo_config, tmp_path):
+    """The repo config with absolute paths, storing under tmp_path."""
+    cfg = copy.deepcopy(repo_config)
+    cfg["store_dir"] = str(tmp_path / "store")
+    cfg["work_dir"] = str(tmp_path / "work")
+    cfg["datasets"]["webtext"]["base_url"] = str(WEBTEXT)
+    cfg["core_bundles"]["core_mini"]["url"] = str(CORE_MINI)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """The smoke row's downloads, tokenizer and token shards, built once per test session."""
+    from pipeline import config, download, plan, pretokenize, tokenizer
+    from pipeline.store import store_dir, work_dir
+
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["store_dir"], cfg["work_dir"] = str(root / "store"), str(root / "work")
+    cfg["datasets"]["webtext"]["base_url"] = str(WEBTEXT)
+    cfg = config.check(cfg)
+    p = plan.make_plan(cfg)
+    keys = p.rows["smoke"]
+    modules = {"download": download, "tokenizer": tokenizer, "pretokenize": pretokenize}
+    for stage in ("download", "tokenizer", "pretokenize"):
+        for key in keys[stage]:
+            spec = p.specs[key]
+            inputs = [Path(cfg["store_dir"]) / r for r in spec["inputs"]]
+            modules[stage].run(spec, inputs, store_dir(spec, cfg["store_dir"]), work_dir(spec, cfg["work_dir"]), 2)
+    return {"cfg": cfg, "plan": p, "root": root,
+            "tokenizer": store_dir(p.specs[keys["tokenizer"][0]], cfg["store_dir"]),
+            "blocks": [store_dir(p.specs[k], cfg["store_dir"]) for k in keys["pretokenize"]]}
+
+
+def copy_fixture_shards(dest, names=None):
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in WEBTEXT.glob("shard_*.parquet"):
+        if names is None or p.name in names:
+            shutil.copy(p, dest / p.name)
+    return dest

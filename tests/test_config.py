@@ -1,0 +1,78 @@
+import copy
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+
+def bad(cfg, edit):
+    cfg = copy.deepcopy(cfg)
+    edit(cfg)
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg, source="my.yaml")
+    return str(err.value)
+
+
+def test_repo_config_is_valid_and_gets_defaults(repo_config):
+    cfg = config.check(repo_config)
+    assert cfg["datasets"]["climbmix"]["block_size"] == 10           # schema default
+    assert cfg["rows"]["d12"]["train_shards"] == "auto"
+    assert cfg["rows"]["d26_fp8"]["launch"] == {"nproc_per_node": 8, "nodes": 1}
+    assert "block_size" not in repo_config["datasets"]["climbmix"]  # the input is not modified
+
+
+def test_seed_rows_carry_the_leaderboard_flags(repo_config):
+    rows = config.check(repo_config)["rows"]
+    assert rows["d24_jan29"]["train"].items() >= {"depth": 24, "device_batch_size": 16,
+                                                  "target_param_data_ratio": 12, "core_metric_every": 3000}.items()
+    assert rows["d26_fp8"]["train"]["fp8"] and rows["d26_fp8"]["train"]["target_param_data_ratio"] == 8.5
+    assert rows["d26_fp8_1M"]["train"]["total_batch_size"] == 1048576
+    assert rows["d24_climbmix"]["dataset"] == "climbmix"
+    assert rows["d24_climbmix"]["train"]["target_param_data_ratio"] == 9.5
+    assert {"d12", "smoke"} <= set(rows)
+
+
+@pytest.mark.parametrize("edit, where, what", [
+    (lambda c: c["rows"]["d26_fp8"].update(dataset="fineweb"), "rows.d26_fp8.dataset", "unknown dataset 'fineweb'"),
+    (lambda c: c["rows"]["smoke"]["train"].update(depth=3), "rows.smoke.train.depth", "multiple of 2"),
+    (lambda c: c["rows"]["smoke"]["train"].update(depth=0), "rows.smoke.train.depth", "less than the minimum"),
+    (lambda c: c["rows"]["smoke"]["train"].update(depth=-4), "rows.smoke.train.depth", "less than the minimum"),
+    (lambda c: c["tokenizers"]["webtext_4k"].update(vocab_size=260), "tokenizers.webtext_4k.vocab_size",
+     "special tokens"),
+    (lambda c: c["rows"]["d12"]["train"].update(target_param_data_ratio=-1),
+     "rows.d12.train.target_param_data_ratio", "less than or equal to the minimum"),
+    (lambda c: c["rows"]["d12"]["train"].update(deph=12), "rows.d12.train", "'deph' was unexpected"),
+    (lambda c: c["rows"]["d12"].update(tokenizer="gpt2"), "rows.d12.tokenizer", "unknown tokenizer 'gpt2'"),
+    (lambda c: c["rows"]["d12"].update(train_shards=7000), "rows.d12.train_shards", "past the end"),
+    (lambda c: c["rows"]["d12"].update(train_shards="lots"), "rows.d12.train_shards", "'lots' is not allowed"),
+    (lambda c: c["rows"]["d12"]["core"].update(bundle="nope"), "rows.d12.core.bundle", "unknown CORE bundle"),
+    (lambda c: c["rows"]["d12"]["train"].update(device_batch_size="16"), "rows.d12.train.device_batch_size",
+     "not of type 'integer'"),
+    (lambda c: c["rows"]["d26_fp8_1M"]["train"].update(device_batch_size=24), "rows.d26_fp8_1M.train.total_batch_size",
+     "not a multiple"),
+    (lambda c: c["rows"]["d12"].pop("train"), "rows.d12", "'train' is a required property"),
+    (lambda c: c["datasets"]["climbmix"].pop("val_shard"), "datasets.climbmix", "'val_shard' is a required"),
+])
+def test_bad_config_is_refused_naming_row_and_field(repo_config, edit, where, what):
+    msg = bad(repo_config, edit)
+    assert msg.startswith("my.yaml is not valid")
+    line = next(line for line in msg.splitlines() if line.strip().startswith(where + ":"))
+    assert what in line
+
+
+def test_every_problem_is_listed_not_just_the_first(repo_config):
+    def two(c):
+        c["rows"]["smoke"]["train"]["depth"] = 5
+        c["rows"]["d12"]["train"]["depth"] = -2
+    msg = bad(repo_config, two)
+    assert "rows.smoke.train.depth" in msg and "rows.d12.train.depth" in msg
+
+
+def test_load_names_a_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rows: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        config.load(broken)

@@ -1,0 +1,118 @@
+"""The Snakefile end to end, in a scratch directory, with shards served over loopback HTTP."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, ShardServer
+from pipeline import store
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args, config="config.yaml"):
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(Path(workdir) / config), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def write_config(workdir, cfg, name="config.yaml"):
+    (Path(workdir) / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
+        cfg["datasets"]["webtext"]["base_url"] = server.url
+        write_config(work, cfg)
+        first = snakemake(work, "results/smoke/token_shards.json")
+        second = snakemake(work, "results/smoke/token_shards.json")
+        requested = sorted(name for name, _ in server.requests)
+    return {"dir": work, "cfg": cfg, "first": first, "second": second, "requested": requested}
+
+
+def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
+    assert smoke_run["first"].returncode == 0, smoke_run["first"].stderr[-3000:]
+    assert smoke_run["requested"] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet",
+                                      "shard_00006.parquet"]
+    work = smoke_run["dir"]
+    summary = json.loads((work / "results" / "smoke" / "token_shards.json").read_text())
+    assert summary["train_shards"] == 3 and summary["train_documents"] == 3072
+    assert summary["val"]["shards"] == ["shard_00006"]
+    stores = sorted(p.parent for p in (work / "results" / "store").glob("*/*/manifest.json"))
+    assert [p.parent.name for p in stores].count("download") == 2
+    assert {p.parent.name for p in stores} == {"download", "tokenizer", "pretokenize"}
+    assert all(store.verify(p) == [] for p in stores)
+    # every rule left its log and benchmark
+    assert list((work / "results" / "logs" / "tokenizer").glob("*.log"))
+    assert list((work / "results" / "benchmarks" / "pretokenize").glob("*.tsv"))
+
+
+def test_second_run_does_nothing(smoke_run):
+    assert smoke_run["second"].returncode == 0
+    assert "Nothing to be done" in smoke_run["second"].stdout + smoke_run["second"].stderr
+
+
+def test_changing_a_training_flag_leaves_the_data_up_to_date(smoke_run):
+    cfg = json.loads(json.dumps(smoke_run["cfg"]))
+    cfg["rows"]["smoke"]["train"]["num_iterations"] = 99
+    write_config(smoke_run["dir"], cfg, "changed.yaml")
+    out = snakemake(smoke_run["dir"], "-n", "results/smoke/token_shards.json", config="changed.yaml")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_bad_config_stops_snakemake_with_the_field_named(tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["rows"]["d12"]["train"]["depth"] = 13
+    write_config(tmp_path, cfg)
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode != 0
+    assert "rows.d12.train.depth: 13 is not a multiple of 2" in out.stdout + out.stderr
+
+
+def test_dry_run_plans_every_seed_row_with_the_right_shards(tmp_path):
+    rows = ["d24_jan29", "d26_fp8", "d26_fp8_1M", "d24_climbmix", "d12", "smoke"]
+    write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    out = snakemake(tmp_path, "-n", "-p", *(f"results/{r}/token_shards.json" for r in rows))
+    assert out.returncode == 0, out.stderr[-2000:]
+    specs = [json.loads(m) for m in re.findall(r"pipeline\.download --spec '(\{.*?\})'", out.stdout)]
+    shards = {}
+    for spec in specs:
+        shards.setdefault(spec["params"]["dataset"], []).extend(spec["params"]["shards"])
+    assert sorted(shards["fineweb_edu"]) == list(range(370)) + [1822]
+    assert sorted(shards["climbmix"]) == list(range(170)) + [6542]  # d12's 40 are among d24's 170
+    assert sorted(shards["webtext"]) == [0, 1, 2, 6]
+    assert len(re.findall(r"^rule tokenizer:", out.stdout, re.M)) == 3
+
+
+def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
+    """SIGKILL Snakemake and its job while the tokenizer runs; after --unlock, a plain rerun finishes
+    (the default workflow profile carries rerun-incomplete)."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
+    write_config(tmp_path, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "results/smoke/token_shards.json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "results" / "logs" / "tokenizer").glob("*.log")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "results" / "smoke" / "token_shards.json").exists()
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    rerun = snakemake(tmp_path, "results/smoke/token_shards.json")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Using workflow specific profile" in rerun.stdout + rerun.stderr
+    assert json.loads((tmp_path / "results" / "smoke" / "token_shards.json").read_text())["train_shards"] == 3
