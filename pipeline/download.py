@@ -33,6 +33,10 @@ class TransientError(Exception):
     """Worth another attempt: the server or the network may recover."""
 
 
+class BadBodyError(TransientError):
+    """The bytes arrived but are not a shard: start the next attempt from zero."""
+
+
 def shard_url(base_url, index):
     return f"{base_url.rstrip('/')}/{shard_name(index)}"
 
@@ -96,7 +100,7 @@ def verify_shard(path):
             pf.read_row_group(i, columns=["text"])
         return pf.metadata.num_rows, pf.num_row_groups
     except Exception as e:  # pyarrow raises several types for bytes that are not parquet
-        raise TransientError(f"not a valid nanochat shard: {e}") from e
+        raise BadBodyError(f"not a valid nanochat shard: {e}") from e
 
 
 def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=lambda n: None):
@@ -113,8 +117,8 @@ def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=la
             os.replace(part, dest)
             return {"url": url, "num_rows": rows, "num_row_groups": groups, "attempts": attempt}
         except TransientError as e:
-            # A verified-bad body is discarded; a cut-short one is kept so the next try resumes it.
-            if "not a valid" in str(e):
+            # A bad body is discarded; a cut-short one is kept so the next try resumes it.
+            if isinstance(e, BadBodyError):
                 part.unlink(missing_ok=True)
             if attempt == attempts:
                 raise StageError(f"{url}: failed after {attempts} attempts: {e}") from e

@@ -72,6 +72,15 @@ def test_changing_a_training_flag_leaves_the_data_up_to_date(smoke_run):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_a_new_mirror_url_redoes_nothing(smoke_run):
+    cfg = json.loads(json.dumps(smoke_run["cfg"]))
+    cfg["datasets"]["webtext"]["base_url"] = (REPO / "tests" / "fixtures" / "webtext").as_uri()
+    write_config(smoke_run["dir"], cfg, "mirror.yaml")
+    out = snakemake(smoke_run["dir"], "-n", "results/smoke/token_shards.json", config="mirror.yaml")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
 def test_bad_config_stops_snakemake_with_the_field_named(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["rows"]["d12"]["train"]["depth"] = 13
