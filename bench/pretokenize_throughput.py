@@ -53,7 +53,7 @@ def ours(enc, paths, threads, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     paths = [p for p in tokenizer.shard_files([FIXTURE]) if p.name != "shard_00006.parquet"]
     with tempfile.TemporaryDirectory() as tmp:
