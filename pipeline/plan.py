@@ -88,27 +88,27 @@ def download_spec(cfg, dataset, shards, root=PIPELINE_DIR):
     # base_url is where, not what: a mirror or a loopback test server yields the same shards.
     params = {"dataset": dataset, "hf_repo": ds.get("hf_repo"), "shards": list(shards)}
     settings = {"base_url": ds["base_url"], "attempts": 5, "backoff_s": 1.0, "timeout_s": 60,
-                "max_parallel": ds.get("max_parallel", 8)}
+                "max_parallel": ds["max_parallel"]}
     return make_spec("download", params, settings=settings, root=root)
 
 
 def shard_blocks(cfg, dataset, num_shards):
     """Whole blocks covering train shards 0..num_shards-1 (never past the validation shard)."""
     ds = cfg["datasets"][dataset]
-    size = ds.get("block_size", 10)
+    size = ds["block_size"]
     end = min(math.ceil(num_shards / size) * size, ds["val_shard"])
     return [list(range(lo, min(lo + size, end))) for lo in range(0, end, size)]
 
 
 def resolve_train_shards(cfg, row):
     """`train_shards: auto` -> enough shards for the row's training tokens, allowing for cropping."""
-    shards = row.get("train_shards", "auto")
+    shards = row["train_shards"]
     if shards != "auto":
         return shards
     ds = cfg["datasets"][row["dataset"]]
     vocab = cfg["tokenizers"][row["tokenizer"]]["vocab_size"]
     tokens = dims.training_tokens(row["train"], vocab)
-    need = math.ceil(tokens / (ds.get("tokens_per_shard", 50e6) * (1 - CROP_WASTE)))
+    need = math.ceil(tokens / (ds["tokens_per_shard"] * (1 - CROP_WASTE)))
     return max(1, min(need, ds["val_shard"]))
 
 
@@ -129,9 +129,6 @@ class Plan:
             raise KeyError(f"no {stage} spec with key {key} in the plan of this config (a stale path? "
                            f"`python -m pipeline.plan show` lists the current keys)")
         return spec
-
-    def keys(self, stage):
-        return sorted(k for k, s in self.specs.items() if s["stage"] == stage)
 
 
 def tokenizer_spec(plan, cfg, name, root=PIPELINE_DIR):
@@ -156,16 +153,15 @@ def _row_plan(plan, cfg, name, row, root):
     blocks.append([cfg["datasets"][dataset]["val_shard"]])
     pretokenized = [_pretokenize_spec(plan, cfg, dataset, b, tokenizer, root) for b in blocks]
     flags = {k: v for k, v in row["train"].items() if k not in TRAIN_NAME_FLAGS}
-    launch = {"nproc_per_node": 8, "nodes": 1, **row.get("launch", {})}
     names = {k: row["train"][k] for k in TRAIN_NAME_FLAGS if k in row["train"]}
     train = plan.add(make_spec("train", flags, [ref(tokenizer)] + [ref(b) for b in pretokenized],
-                               settings={"row": name, "launch": launch, **names}, root=root))
+                               settings={"row": name, "launch": row["launch"], **names}, root=root))
     downloads = [r for s in (tokenizer, *pretokenized) for r in s["inputs"] if r.startswith("download/")]
     keys = {"download": list(dict.fromkeys(r.split("/")[1] for r in downloads)),
             "tokenizer": [tokenizer["key"]], "pretokenize": [b["key"] for b in pretokenized],
             "train": [train["key"]], "train_shards": sum(map(len, blocks[:-1]))}
-    core_cfg = {"bundle": None, "max_per_task": -1, "allow_missing_tasks": False, **row.get("core", {})}
-    if core_cfg["bundle"] is not None:
+    core_cfg = row["core"]
+    if "bundle" in core_cfg:
         bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
         bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
                                     root=root))
@@ -176,7 +172,8 @@ def _row_plan(plan, cfg, name, row, root):
 
 
 def make_plan(cfg, root=PIPELINE_DIR):
-    """Pure: the same config and sources always give the same plan. `cfg` must be checked already."""
+    """Pure: the same config and sources always give the same plan. `cfg` must have been through
+    pipeline.config.check (it fills the defaults this relies on)."""
     plan = Plan()
     for name, row in cfg["rows"].items():
         plan.rows[name] = _row_plan(plan, cfg, name, row, root)

@@ -3,7 +3,6 @@
 import copy
 import http.server
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -125,10 +124,3 @@ def smoke_data(tmp_path_factory):
             "tokenizer": store_dir(p.specs[keys["tokenizer"][0]], cfg["store_dir"]),
             "blocks": [store_dir(p.specs[k], cfg["store_dir"]) for k in keys["pretokenize"]]}
 
-
-def copy_fixture_shards(dest, names=None):
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in WEBTEXT.glob("shard_*.parquet"):
-        if names is None or p.name in names:
-            shutil.copy(p, dest / p.name)
-    return dest
