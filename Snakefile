@@ -1,7 +1,7 @@
 # nanochat's time-to-GPT-2 leaderboard, one hash-addressed artifact per stage.
 #
 #   snakemake --cores all                                      # the smoke row, on a CPU
-#   snakemake --cores all results/d24_climbmix/token_shards.json
+#   snakemake --cores all results/d24_climbmix/train_summary.json
 #
 # Store paths come from pipeline.plan (`python -m pipeline.plan show` lists them); rules only
 # choose paths and resources and call `python -m pipeline.<stage>`.
@@ -17,13 +17,15 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretokenize.smk"
+include: "workflow/rules/train.smk"
 
 
 localrules:
     all,
     token_shards,
+    train_summary,
 
 
 rule all:
     input:
-        "results/smoke/token_shards.json",
+        "results/smoke/train_summary.json",

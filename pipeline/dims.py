@@ -29,23 +29,25 @@ def num_heads(depth, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM):
 
 
 def scaling_params(depth, vocab_size, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM):
-    """Transformer matrices (4 d^2 attention + 8 d^2 ReLU^2 MLP per layer) + lm_head.
+    """Transformer matrices (4 d^2 attention + 8 d^2 ReLU^2 MLP per layer, plus a 32 x heads gate on
+    each of the ceil(depth/2) layers with value embeddings) + lm_head.
 
-    d24 with a 32768 vocab gives 729,808,896, which times ratio 12 is the 16,704 steps of 2^19
+    d24 with a 32768 vocab gives 729,813,504, which times ratio 12 is the 16,704 steps of 2^19
     tokens that leaderboard run 1 took.
     """
     d = model_dim(depth, aspect_ratio, head_dim)
-    return 12 * d * d * depth + pad_vocab(vocab_size) * d
+    gates = -(-depth // 2) * 32 * num_heads(depth, aspect_ratio, head_dim)
+    return 12 * d * d * depth + gates + pad_vocab(vocab_size) * d
 
 
-def target_tokens(depth, vocab_size, ratio=DEFAULT_TARGET_PARAM_DATA_RATIO):
-    return int(ratio * scaling_params(depth, vocab_size))
+def target_tokens(depth, vocab_size, ratio=DEFAULT_TARGET_PARAM_DATA_RATIO, **shape):
+    return int(ratio * scaling_params(depth, vocab_size, **shape))
 
 
-def auto_total_batch_size(depth, vocab_size, ratio=DEFAULT_TARGET_PARAM_DATA_RATIO):
+def auto_total_batch_size(depth, vocab_size, ratio=DEFAULT_TARGET_PARAM_DATA_RATIO, **shape):
     """B = 2^round(log2(2^19 * (D / D_ref)^0.383)), D_ref = the tokens d12 trains on at the same ratio."""
-    tokens = target_tokens(depth, vocab_size, ratio)
-    ref = target_tokens(REFERENCE_DEPTH, vocab_size, ratio)
+    tokens = target_tokens(depth, vocab_size, ratio, **shape)
+    ref = target_tokens(REFERENCE_DEPTH, vocab_size, ratio, **shape)
     return 2 ** round(math.log2(REFERENCE_BATCH * (tokens / ref) ** BATCH_EXPONENT))
 
 

@@ -1,6 +1,7 @@
 """publish: a row's public files under results/<row>/, copied from the store (never linked).
 
     python -m pipeline.publish token-shards --row smoke --tokenizer DIR --blocks DIR... --out FILE
+    python -m pipeline.publish copy STORE_FILE OUT      # a store file, copied (never linked) and checked
 """
 
 import argparse
@@ -31,6 +32,18 @@ def token_shards(row, tokenizer_dir, block_dirs):
             "train_documents": sum(b["documents"] for b in train)}
 
 
+def copy_checked(src, out):
+    """Copy a file out of its store directory, refusing one that no longer matches the manifest."""
+    src = Path(src)
+    record = store.read_manifest(src.parent)["outputs"].get(src.name)
+    if record is None:
+        raise StageError(f"{src} is not an output listed in {src.parent / store.MANIFEST}")
+    data = src.read_bytes()
+    if store.sha256_bytes(data) != record["sha256"]:
+        raise StageError(f"{src}: sha256 differs from its manifest (edited after the stage wrote it)")
+    store.atomic_write(out, data)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.publish", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -39,9 +52,15 @@ def main(argv=None):
     ts.add_argument("--tokenizer", required=True, help="the row's tokenizer store directory")
     ts.add_argument("--blocks", nargs="+", required=True, help="pretokenize directories, the last is validation")
     ts.add_argument("--out", required=True)
+    cp = sub.add_parser("copy", help="copy one file of a store directory out, after checking its sha256")
+    cp.add_argument("src")
+    cp.add_argument("out")
     args = ap.parse_args(argv)
     try:
-        store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
+        if args.cmd == "copy":
+            copy_checked(args.src, args.out)
+        else:
+            store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,10 @@ def sha256_file(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+def sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_record(path):
     return {"sha256": sha256_file(path), "size": os.path.getsize(path)}
 

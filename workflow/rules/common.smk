@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 sys.path.insert(0, workflow.basedir)  # `pipeline` imports from the checkout without an install
 from pipeline import config as pipeline_config  # noqa: E402
+from pipeline import launch as pipeline_launch  # noqa: E402
 from pipeline import plan as pipeline_plan  # noqa: E402
 
 try:

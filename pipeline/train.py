@@ -1,0 +1,568 @@
+"""train: pretrain the GPT on a row's token shards, as nanochat's base_train does.
+
+    python -m pipeline.train --row smoke                       # a row of config/config.yaml
+    torchrun --standalone --nproc_per_node=8 -m pipeline.train -- --row d26_fp8
+    (Snakemake passes the row's flags, --spec, --inputs, --out and --work)
+
+Every size and hyperparameter follows from --depth (pipeline.dims); the flags are base_train's, by
+name and meaning. Checkpoints go to <work>/checkpoints and a rerun resumes from the newest one.
+Outputs: model.pt, model.json, metrics.jsonl, train_summary.json, sealed with a manifest.
+"""
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint, cli, dims, launch, plan, store, tokenizer
+from pipeline.loader import DistributedLoader
+from pipeline.model import GPT, GPTConfig
+from pipeline.optim import MuonAdamW
+from pipeline.store import StageError
+
+SMOOTHING = 0.9        # EMA of the logged train loss
+UNTIMED_STEPS = 10     # compile and warm-up steps left out of total_training_time, as on the leaderboard
+MOMENTUM_WARMUP = 300  # Muon momentum ramps 0.85 -> 0.95 over these steps
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then")
+# Dense bf16 peak FLOP/s by device name (lower case substring, first match wins), for MFU.
+PEAK_FLOPS = (("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("h800", 989e12),
+              ("gh200", 989e12), ("b200", 2.25e15), ("b100", 1.8e15), ("a100", 312e12), ("a800", 312e12),
+              ("l40s", 362e12), ("l4", 121e12), ("a10g", 125e12), ("4090", 165.2e12), ("3090", 71e12))
+
+
+def build_parser():
+    ap = cli.parser("train", __doc__.splitlines()[0])
+    a = ap.add_argument
+    a("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+    a("--model-tag", default=None, help="a name for the checkpoint (recorded only)")
+    a("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="'' picks cuda when present")
+    a("--depth", type=int, default=20, help="the one dial: number of layers")
+    a("--aspect-ratio", type=int, default=dims.ASPECT_RATIO, help="model_dim = depth x aspect ratio")
+    a("--head-dim", type=int, default=dims.HEAD_DIM)
+    a("--max-seq-len", type=int, default=2048)
+    a("--window-pattern", default="SSSL", help="S = half-context window, L = full; last layer always L")
+    a("--num-iterations", type=int, default=-1, help="explicit number of steps (-1: from the ratio)")
+    a("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (-1: off)")
+    a("--target-param-data-ratio", type=float, default=dims.DEFAULT_TARGET_PARAM_DATA_RATIO,
+      help="training tokens = this x scaling params")
+    a("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
+    a("--total-batch-size", type=int, default=-1, help="tokens per step (-1: auto-scaled with depth)")
+    a("--embedding-lr", type=float, default=0.3)
+    a("--unembedding-lr", type=float, default=0.004)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.5)
+    a("--weight-decay", type=float, default=0.2, help="Muon weight decay at d12's batch and horizon")
+    a("--adam-beta1", type=float, default=0.8)
+    a("--adam-beta2", type=float, default=0.95)
+    a("--warmup-ratio", type=float, default=0.0)
+    a("--warmdown-ratio", type=float, default=0.5)
+    a("--final-lr-frac", type=float, default=0.0)
+    a("--resume-from-step", type=int, default=-1, help="resume this checkpoint (-1: the newest, if any)")
+    a("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
+    a("--eval-tokens", type=int, default=40 * 524288)
+    a("--core-metric-every", type=int, default=2000, help="accepted; CORE is the core stage's job")
+    a("--core-metric-max-per-task", type=int, default=500, help="accepted; CORE is the core stage's job")
+    a("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1: never)")
+    a("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    a("--fp8", action="store_true", help="train eligible Linear layers in float8 (torchao, tensorwise)")
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    a("--fp8-fallback", action="store_true", help="train in bf16 where the device has no fp8")
+    a("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
+    a("--seed", type=int, default=42)
+    return ap
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun ... -m pipeline.train -- --depth=26` hands the separator on
+        argv = argv[1:]
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- depth -> everything
+
+def resolve(args, vocab_size, world_size):
+    """Every derived size and hyperparameter, from the flags (no tensors: the manifest records it)."""
+    config = GPTConfig.from_depth(args.depth, vocab_size, args.max_seq_len, args.window_pattern,
+                                  args.aspect_ratio, args.head_dim)
+    with torch.device("meta"):
+        meta = GPT(config)
+    counts = meta.num_scaling_params()
+    flops_per_token = meta.estimate_flops()
+    shape = {"aspect_ratio": args.aspect_ratio, "head_dim": args.head_dim}
+    ratio = args.target_param_data_ratio
+    target = dims.target_tokens(args.depth, vocab_size, ratio, **shape)
+    ref_tokens = dims.target_tokens(dims.REFERENCE_DEPTH, vocab_size, ratio, **shape)
+    batch = args.total_batch_size
+    if batch == -1:
+        batch = dims.auto_total_batch_size(args.depth, vocab_size, ratio, **shape)
+    per_step = args.device_batch_size * args.max_seq_len * world_size
+    if batch % per_step:
+        raise StageError(f"--total-batch-size {batch} is not a multiple of device_batch_size x max_seq_len x "
+                         f"world size = {per_step}; use a device batch size (a power of 2) that divides it")
+    if args.num_iterations > 0:
+        iterations = args.num_iterations
+    elif args.target_flops > 0:
+        iterations = round(args.target_flops / (flops_per_token * batch))
+    else:
+        iterations = target // batch
+    if iterations < 1:
+        raise StageError(f"the flags give {iterations} training steps; raise --target-param-data-ratio or set "
+                         "--num-iterations")
+    batch_scale = (batch / dims.REFERENCE_BATCH) ** 0.5  # larger batches take larger steps
+    width_scale = (config.n_embd / 768) ** -0.5          # AdamW lrs were tuned at width 768
+    return {
+        "model": config.to_dict(), "param_counts": counts, "flops_per_token": flops_per_token,
+        "target_tokens": target, "total_batch_size": batch, "num_iterations": iterations,
+        "grad_accum_steps": batch // per_step, "world_size": world_size,
+        "tokens": iterations * batch, "total_flops": flops_per_token * iterations * batch,
+        "lr": {"embedding": args.embedding_lr * width_scale * batch_scale,
+               "unembedding": args.unembedding_lr * width_scale * batch_scale,
+               "scalar": args.scalar_lr * batch_scale, "matrix": args.matrix_lr * batch_scale},
+        # decay per step shrinks as horizons grow: scaled to d12's batch and number of tokens
+        "weight_decay": args.weight_decay * batch_scale * ref_tokens / target,
+    }
+
+
+def lr_multiplier(step, iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
+    warmup, warmdown = round(warmup_ratio * iterations), round(warmdown_ratio * iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= iterations - warmdown:
+        return 1.0
+    progress = (iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step):
+    frac = min(step / MOMENTUM_WARMUP, 1.0)
+    return 0.85 * (1 - frac) + 0.95 * frac
+
+
+def make_optimizer(model, hp, args):
+    """AdamW for embeddings, lm_head and the per-layer scalars; Muon for the blocks' matrices,
+    one group per shape."""
+    lr, betas = hp["lr"], (args.adam_beta1, args.adam_beta2)
+
+    def adamw(params, lr, betas=betas):
+        return {"kind": "adamw", "params": list(params), "lr": lr, "initial_lr": lr, "betas": betas, "eps": 1e-10,
+                "weight_decay": 0.0}
+
+    groups = [adamw([model.lm_head.weight], lr["unembedding"]),
+              adamw([model.transformer.wte.weight], lr["embedding"]),
+              adamw(model.value_embeds.parameters(), lr["embedding"]),
+              adamw([model.resid_lambdas], lr["scalar"] * 0.01),
+              adamw([model.x0_lambdas], lr["scalar"], betas=(0.96, 0.95))]
+    by_shape = {}
+    for p in model.transformer.h.parameters():
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    for shape in sorted(by_shape):
+        groups.append({"kind": "muon", "params": by_shape[shape], "lr": lr["matrix"], "initial_lr": lr["matrix"],
+                       "momentum": 0.95, "beta2": 0.95, "ns_steps": 5, "weight_decay": hp["weight_decay"]})
+    return MuonAdamW([g for g in groups if g["params"]])
+
+
+# ----------------------------------------------------------------------------- device, fp8, eval
+
+def setup_device(device_type):
+    """(device, rank, local_rank, world_size); joins the process group when run under torchrun."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise StageError("--device-type=cuda but no CUDA device is visible; use --device-type=cpu")
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                                       ("WORLD_SIZE", 1)))
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                device_id=device if device_type == "cuda" else None)
+    return device, rank, local_rank, world
+
+
+def fp8_supported(device):
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def convert_fp8(model, recipe):
+    """Swap Linear layers whose dims are multiples of 16 for torchao Float8Linear; (converted, skipped)."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    converted, skipped = [], []
+
+    def eligible(module, name):
+        if not isinstance(module, torch.nn.Linear):
+            return False
+        ok = module.in_features % 16 == 0 and module.out_features % 16 == 0
+        (converted if ok else skipped).append(f"{name} ({module.in_features}->{module.out_features})")
+        return ok
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=eligible)
+    return converted, skipped
+
+
+@contextlib.contextmanager
+def plain_linears(model):
+    """Evaluate in bf16: put plain nn.Linear views (sharing the weights) where Float8Linear sits."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "Float8Linear":
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            plain.weight = module.weight
+            setattr(parent, name.rpartition(".")[2], plain)
+            swapped.append((parent, name.rpartition(".")[2], module))
+    try:
+        yield model
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, loader, steps, token_bytes, autocast, world):
+    """Bits per byte: summed loss (nats) over tokens that stand for bytes, over ln 2 x their bytes."""
+    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = (torch.from_numpy(a).to(token_bytes.device) for a in next(loader))
+        with autocast():
+            loss = model(x, y, loss_reduction="none").view(-1)
+        y = y.view(-1)
+        b = torch.where(y >= 0, token_bytes[y.clamp_min(0)], 0)
+        nats += (loss.double() * (b > 0)).sum()
+        nbytes += b.sum()
+    if world > 1:
+        for t in (nats, nbytes):
+            dist.all_reduce(t)
+    return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("inf")
+
+
+@torch.no_grad()
+def sample(model, enc, device, autocast, tokens=16):
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = [enc.encode_single_token(tokenizer.BOS)] + enc.encode_ordinary(prompt)
+        for _ in range(tokens):
+            with autocast():
+                logits = model(torch.tensor([ids[-model.config.sequence_len:]], device=device))
+            ids.append(int(logits[0, -1].argmax()))
+        out.append(enc.decode(ids[1:]))
+    return out
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def start_wandb(args, hp, resume_id):
+    """Offline unless the user configured wandb (WANDB_MODE or WANDB_API_KEY); None for --run=dummy.
+    Offline runs land in $WANDB_DIR (default results/wandb) for a later `wandb sync`."""
+    if args.run == "dummy":
+        return None
+    import wandb
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    directory = Path(os.environ.get("WANDB_DIR", "results/wandb"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "nanochat"), name=args.run, dir=str(directory),
+                      mode=mode, id=resume_id, resume="allow", config={**vars(args), "resolved": hp})
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Trainer:
+    def __init__(self, args, spec, inputs, out, work):
+        self.args, self.spec, self.out, self.work = args, spec, Path(out), Path(work)
+        tok_dir, *self.train_dirs, self.val_dir = map(Path, inputs)
+        self.enc = tokenizer.load(tok_dir)
+        self.device, self.rank, _, self.world = setup_device(args.device_type)
+        self.master = self.rank == 0
+        self.hp = resolve(args, self.enc.n_vocab, self.world)
+        self.token_bytes = torch.from_numpy(np.load(tok_dir / "token_bytes.npy")).to(self.device)
+        self.ckpt_dir, self.metrics_path = self.work / "checkpoints", self.work / "metrics.jsonl"
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, record):
+        if self.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def build(self):
+        args, hp = self.args, self.hp
+        torch.manual_seed(args.seed)
+        torch.set_float32_matmul_precision("high")
+        config = GPTConfig(**hp["model"])
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        resume = self._checkpoint_to_resume()
+        meta, optim_state = {}, None
+        if resume is not None:
+            model_state, optim_state, meta = checkpoint.load(resume, map_location=self.device)
+            model.load_state_dict(model_state)
+            print(f"resuming from {resume}", file=sys.stderr)
+        self.fp8_layers = {"converted": [], "skipped": []}
+        if args.fp8:
+            if fp8_supported(self.device):
+                self.fp8_layers["converted"], self.fp8_layers["skipped"] = convert_fp8(model, args.fp8_recipe)
+                print(f"fp8: converted {len(self.fp8_layers['converted'])} Linear layers; skipped (dims not "
+                      f"divisible by 16): {', '.join(self.fp8_layers['skipped']) or 'none'}", file=sys.stderr)
+            elif args.fp8_fallback:
+                print("fp8: this device has no fp8 support; training in bf16 (--fp8-fallback)", file=sys.stderr)
+            else:
+                raise StageError(f"--fp8 needs an fp8-capable device (Hopper or newer); {self.device} is not. "
+                                 "Drop --fp8, or add --fp8-fallback to train in bf16 instead")
+        self.model = model
+        use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
+        self.compiled = torch.compile(model, dynamic=False) if use_compile else model
+        self.optimizer = make_optimizer(model, hp, args)
+        if optim_state is not None:
+            self.optimizer.load_state_dict(optim_state)
+        self.step = meta.get("step", 0)
+        self.loop = meta.get("loop", {"total_training_time": 0.0, "smooth_loss": 0.0, "min_val_bpb": None,
+                                      "val_bpb": None, "wandb_id": None, "timed_steps": 0})
+        if "rng" in meta:
+            torch.set_rng_state(torch.tensor(meta["rng"], dtype=torch.uint8))
+        self.loader = DistributedLoader(self.train_dirs, args.device_batch_size, args.max_seq_len, self.rank,
+                                        self.world, state=meta.get("loader"))
+        if self.master:
+            self._truncate_metrics(self.step)
+
+    def _checkpoint_to_resume(self):
+        if self.args.resume_from_step >= 0:
+            path = self.ckpt_dir / f"step_{self.args.resume_from_step:06d}"
+            if not path.is_dir():
+                raise StageError(f"--resume-from-step {self.args.resume_from_step}: no checkpoint {path}")
+            return path
+        return checkpoint.latest(self.ckpt_dir)
+
+    def _truncate_metrics(self, step):
+        """After a resume, drop what the killed run logged past its last checkpoint."""
+        if self.metrics_path.exists():
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] < step
+                     or (json.loads(ln)["step"] == step and "val_bpb" in json.loads(ln))]
+            store.atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines))
+
+    def save(self):
+        meta = {"step": self.step, "loader": self.loader.state_dict(), "loop": self.loop,
+                "rng": torch.get_rng_state().tolist(), "model": self.hp["model"], "flags": vars(self.args)}
+        if self.master:
+            checkpoint.save(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta)
+        if self.world > 1:
+            dist.barrier()
+
+    def evaluate(self):
+        args = self.args
+        steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world))
+        loader = DistributedLoader([self.val_dir], args.device_batch_size, args.max_seq_len, self.rank, self.world)
+        self.model.eval()
+        with plain_linears(self.model):
+            bpb = evaluate_bpb(self.model, loader, steps, self.token_bytes, self.autocast, self.world)
+        self.model.train()
+        self.loop["val_bpb"] = bpb
+        best = self.loop["min_val_bpb"]
+        self.loop["min_val_bpb"] = bpb if best is None else min(best, bpb)
+        self.log({"step": self.step, "val_bpb": bpb})
+        print(f"step {self.step:05d} | val bpb {bpb:.6f}", file=sys.stderr)
+        return bpb
+
+    def train_step(self):
+        hp, args = self.hp, self.args
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        for _ in range(hp["grad_accum_steps"]):
+            x, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in next(self.loader))
+            with self.autocast():
+                loss = self.compiled(x, y)
+            total += loss.detach()
+            (loss / hp["grad_accum_steps"]).backward()
+        lrm = lr_multiplier(self.step, hp["num_iterations"], args.warmup_ratio, args.warmdown_ratio,
+                            args.final_lr_frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(self.step)
+                group["weight_decay"] = hp["weight_decay"] * (1 - self.step / hp["num_iterations"])
+        self.optimizer.step()
+        self.model.zero_grad(set_to_none=True)
+        loss = float(total) / hp["grad_accum_steps"]
+        sync()
+        dt = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            last = checkpoint.latest(self.ckpt_dir)
+            raise StageError(f"training loss became {loss} at step {self.step}; stopped. The last good checkpoint "
+                             f"({last or 'none yet'}) is kept: lower the learning rates or check the data, then rerun")
+        return loss, lrm, dt
+
+    def run(self):
+        args, hp = self.args, self.hp
+        self.build()
+        run = start_wandb(args, hp, self.loop["wandb_id"]) if self.master else None
+        if run is not None:
+            self.loop["wandb_id"] = run.id
+        peak, first_step = peak_flops(self.device), self.step
+        iterations = hp["num_iterations"]
+        while True:
+            last = self.step == iterations
+            if last or (args.eval_every > 0 and self.step % args.eval_every == 0):
+                bpb = self.evaluate()
+                if run is not None:
+                    run.log({"val/bpb": bpb}, step=self.step)
+            if self.master and args.sample_every > 0 and (last or self.step % args.sample_every == 0):
+                with plain_linears(self.model):
+                    self.log({"step": self.step, "samples": sample(self.model, self.enc, self.device, self.autocast)})
+            if last or (args.save_every > 0 and self.step % args.save_every == 0 and self.step != first_step):
+                self.save()
+            if last:
+                break
+            loss, lrm, dt = self.train_step()
+            if self.step - first_step > UNTIMED_STEPS:
+                self.loop["total_training_time"] += dt
+                self.loop["timed_steps"] += 1
+            smooth = SMOOTHING * self.loop["smooth_loss"] + (1 - SMOOTHING) * loss
+            self.loop["smooth_loss"] = smooth
+            tok_per_sec = hp["total_batch_size"] / dt
+            mfu = 100 * hp["flops_per_token"] * tok_per_sec / (peak * self.world) if peak else None
+            self.step += 1
+            record = {"step": self.step, "loss": loss, "smooth_loss": smooth / (1 - SMOOTHING ** self.step),
+                      "lrm": lrm, "dt_ms": 1000 * dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+                      "total_training_time": self.loop["total_training_time"]}
+            self.log(record)
+            if run is not None and self.step % 100 == 0:
+                run.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=self.step)
+            print(f"step {self.step:05d}/{iterations:05d} | loss {loss:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms | "
+                  f"tok/s {tok_per_sec:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else ""), file=sys.stderr)
+        summary = self.summary(run)
+        if run is not None:
+            run.summary.update({k: summary[k] for k in ("total_training_time", "total_training_flops", "step")})
+            run.finish()
+        if self.world > 1:
+            dist.destroy_process_group()
+        if self.master:
+            self.publish(summary)
+        return summary
+
+    def summary(self, run):
+        hp, loop = self.hp, self.loop
+        timed = loop["timed_steps"]
+        rate = timed * hp["total_batch_size"] / loop["total_training_time"] if loop["total_training_time"] else None
+        peak = peak_flops(self.device)
+        return {
+            "total_training_time": loop["total_training_time"], "timed_steps": timed,
+            "total_training_flops": hp["flops_per_token"] * hp["total_batch_size"] * self.step,
+            "step": self.step, "tokens": hp["total_batch_size"] * self.step,
+            "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"],
+            "final_train_loss": loop["smooth_loss"] / (1 - SMOOTHING ** max(self.step, 1)),
+            "tok_per_sec": rate, "mfu": 100 * hp["flops_per_token"] * rate / (peak * self.world)
+            if rate and peak else None,
+            "peak_memory_bytes": peak_memory_bytes(self.device), "world_size": self.world,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
+            "fp8_layers": self.fp8_layers, "wandb_run_id": run.id if run is not None else None,
+            "run": self.args.run, "model_tag": self.args.model_tag,
+        }
+
+    def publish(self, summary):
+        final = self.work / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        os.replace(self._final_model(), final / "model.pt")
+        shutil.copyfile(self.metrics_path, final / "metrics.jsonl")
+        store.write_json(final / "model.json", {"config": self.hp["model"], "step": self.step,
+                                                "tokenizer": self.spec["inputs"][0] if self.spec else None})
+        store.write_json(final / "train_summary.json", summary)
+        files = ["model.pt", "model.json", "metrics.jsonl", "train_summary.json"]
+        store.seal(self.spec, files, final, self.out, resolved={k: v for k, v in self.hp.items()},
+                   extra={"summary": summary})
+        shutil.rmtree(self.work, ignore_errors=True)  # checkpoints were only for resuming this run
+
+    def _final_model(self):
+        """The last checkpoint's weights, hard-linked (not copied) when the filesystem allows."""
+        src = checkpoint.latest(self.ckpt_dir) / "model.pt"
+        dst = self.work / "model.pt.final"
+        dst.unlink(missing_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        return dst
+
+
+# ----------------------------------------------------------------------------- command line
+
+def spec_for_row(config_path, row):
+    cfg = plan.load_config(config_path)
+    p = plan.make_plan(cfg)
+    if row not in p.rows:
+        raise StageError(f"{config_path}: no row named {row!r} (rows: {', '.join(p.rows)})")
+    return cfg, p.specs[p.rows[row]["train"][0]]
+
+
+def check_flags_match_spec(args, spec):
+    """The flags a launcher passed must be the spec's: the key says what was trained."""
+    for key, value in spec["params"].items():
+        got = getattr(args, key, None)
+        if got != value and not (isinstance(value, int | float) and isinstance(got, int | float) and got == value):
+            raise StageError(f"--{key.replace('_', '-')}={got} differs from the spec's {value}; "
+                             "pass the flags `python -m pipeline.plan spec <key>` lists")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.spec:
+            spec = json.loads(args.spec)
+            check_flags_match_spec(args, spec)
+            if not (args.inputs and args.out and args.work):
+                raise StageError("--spec needs --inputs, --out and --work")
+            inputs, out, work = args.inputs, args.out, Path(args.work)
+        elif args.row:
+            cfg, spec = spec_for_row(args.config, args.row)
+            store_root = Path(args.store or cfg["store_dir"])
+            inputs = [store_root / r for r in spec["inputs"]]
+            out = store.store_dir(spec, store_root)
+            work = Path(args.work or cfg["work_dir"])
+            if (out / store.MANIFEST).exists():
+                print(f"train {spec['key']}: up to date ({out})", file=sys.stderr)
+                return 0
+            names = {k: spec["settings"][k] for k in ("run", "model_tag") if k in spec["settings"]}
+            args = parse_args(launch.flag_args(spec["params"], names))
+        else:
+            raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
+                             "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "
+                             "Snakemake passes it")
+        for d in inputs:
+            store.read_manifest(d)
+        Trainer(args, spec, inputs, out, store.work_dir(spec, work)).run()
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+rule train:
+    """Pretrain a row's model; the seed's flags, under torchrun; resumes from its checkpoints after a kill."""
+    input:
+        spec_inputs("train"),
+    output:
+        directory(f"{STORE}/train/{{key}}"),
+    params:
+        command=lambda w, input, output: pipeline_launch.train_command(
+            PLAN.spec("train", w.key), input, output, WORK
+        ),
+    log:
+        f"{LOGS}/train/{{key}}.log",
+    benchmark:
+        f"{BENCHMARKS}/train/{{key}}.tsv"
+    conda:
+        CONDA_ENV
+    threads: workflow.cores
+    resources:
+        gpu=lambda w: pipeline_launch.gpus(PLAN.spec("train", w.key)),
+        mem_mb=64000,
+        runtime=24 * 60,
+    shell:
+        "{params.command} > {log} 2>&1"
+
+
+rule train_summary:
+    """The row's training summary, copied out of the store."""
+    input:
+        lambda w: store_dirs("train", PLAN.rows[w.row]["train"]),
+    output:
+        "results/{row}/train_summary.json",
+    log:
+        f"{LOGS}/train_summary/{{row}}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m pipeline.publish copy {input}/train_summary.json {output} > {log} 2>&1"
