@@ -28,4 +28,5 @@ localrules:
 
 rule all:
     input:
+        "results/smoke/token_shards.json",
         "results/smoke/train_summary.json",

@@ -361,10 +361,10 @@ class Trainer:
         return checkpoint.latest(self.ckpt_dir)
 
     def _truncate_metrics(self, step):
-        """After a resume, drop what the killed run logged past its last checkpoint."""
+        """After a resume, drop what the killed run logged past its last checkpoint (everything up to
+        and including `step` was logged before that checkpoint was written)."""
         if self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] < step
-                     or (json.loads(ln)["step"] == step and "val_bpb" in json.loads(ln))]
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             store.atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines))
 
     def save(self):
@@ -411,7 +411,9 @@ class Trainer:
                 group["weight_decay"] = hp["weight_decay"] * (1 - self.step / hp["num_iterations"])
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        loss = float(total) / hp["grad_accum_steps"]
+        if self.world > 1:  # log the loss of the whole batch, not just this rank's share
+            dist.all_reduce(total)
+        loss = float(total) / (hp["grad_accum_steps"] * self.world)
         sync()
         dt = time.perf_counter() - t0
         if not math.isfinite(loss):
@@ -430,11 +432,13 @@ class Trainer:
         iterations = hp["num_iterations"]
         while True:
             last = self.step == iterations
-            if last or (args.eval_every > 0 and self.step % args.eval_every == 0):
+            # a resumed run already evaluated, sampled and saved at the step it resumes from
+            due = self.step != first_step or first_step == 0
+            if last or (due and args.eval_every > 0 and self.step % args.eval_every == 0):
                 bpb = self.evaluate()
                 if run is not None:
                     run.log({"val/bpb": bpb}, step=self.step)
-            if self.master and args.sample_every > 0 and (last or self.step % args.sample_every == 0):
+            if self.master and args.sample_every > 0 and (last or (due and self.step % args.sample_every == 0)):
                 with plain_linears(self.model):
                     self.log({"step": self.step, "samples": sample(self.model, self.enc, self.device, self.autocast)})
             if last or (args.save_every > 0 and self.step % args.save_every == 0 and self.step != first_step):
@@ -522,13 +526,20 @@ def spec_for_row(config_path, row):
     return cfg, p.specs[p.rows[row]["train"][0]]
 
 
+STORE_FLAGS = {"spec", "row", "config", "store", "work", "threads", "inputs", "out", *plan.TRAIN_NAME_FLAGS}
+
+
 def check_flags_match_spec(args, spec):
-    """The flags a launcher passed must be the spec's: the key says what was trained."""
-    for key, value in spec["params"].items():
-        got = getattr(args, key, None)
-        if got != value and not (isinstance(value, int | float) and isinstance(got, int | float) and got == value):
-            raise StageError(f"--{key.replace('_', '-')}={got} differs from the spec's {value}; "
-                             "pass the flags `python -m pipeline.plan spec <key>` lists")
+    """The flags a launcher passed must be exactly the spec's (others at their defaults): the key
+    says what was trained."""
+    defaults = vars(build_parser().parse_args([]))
+    for key, got in vars(args).items():
+        if key in STORE_FLAGS:
+            continue
+        want = spec["params"].get(key, defaults[key])
+        if got != want:
+            raise StageError(f"--{key.replace('_', '-')}={got} differs from the spec's {want}; pass exactly the "
+                             "flags of the spec (`python -m pipeline.plan spec <key>` prints it)")
 
 
 def main(argv=None):

@@ -16,12 +16,13 @@ from conftest import REPO, ShardServer
 from pipeline import store
 
 pytestmark = pytest.mark.slow
+ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
 def snakemake(workdir, *args, config="config.yaml"):
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(Path(workdir) / config), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
 
 
 def write_config(workdir, cfg, name="config.yaml"):
@@ -35,8 +36,9 @@ def smoke_run(tmp_path_factory):
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         cfg["datasets"]["webtext"]["base_url"] = server.url
         write_config(work, cfg)
-        first = snakemake(work, "results/smoke/token_shards.json")
-        second = snakemake(work, "results/smoke/token_shards.json")
+        targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json")
+        first = snakemake(work, *targets)
+        second = snakemake(work, *targets)
         requested = sorted(name for name, _ in server.requests)
     return {"dir": work, "cfg": cfg, "first": first, "second": second, "requested": requested}
 
@@ -51,11 +53,13 @@ def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
     assert summary["val"]["shards"] == ["shard_00006"]
     stores = sorted(p.parent for p in (work / "results" / "store").glob("*/*/manifest.json"))
     assert [p.parent.name for p in stores].count("download") == 2
-    assert {p.parent.name for p in stores} == {"download", "tokenizer", "pretokenize"}
+    assert {p.parent.name for p in stores} == {"download", "tokenizer", "pretokenize", "train"}
     assert all(store.verify(p) == [] for p in stores)
     # every rule left its log and benchmark
     assert list((work / "results" / "logs" / "tokenizer").glob("*.log"))
     assert list((work / "results" / "benchmarks" / "pretokenize").glob("*.tsv"))
+    summary = json.loads((work / "results" / "smoke" / "train_summary.json").read_text())
+    assert summary["step"] == 20 and summary["val_bpb"] < 4
 
 
 def test_second_run_does_nothing(smoke_run):
@@ -113,7 +117,8 @@ def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
     write_config(tmp_path, cfg)
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "results/smoke/token_shards.json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=ENV)
     deadline = time.time() + 120
     while not list((tmp_path / "results" / "logs" / "tokenizer").glob("*.log")) and time.time() < deadline:
         time.sleep(0.05)
@@ -125,3 +130,37 @@ def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Using workflow specific profile" in rerun.stdout + rerun.stderr
     assert json.loads((tmp_path / "results" / "smoke" / "token_shards.json").read_text())["train_shards"] == 3
+
+
+def final_losses(store_root):
+    (train_dir,) = (store_root / "train").iterdir()
+    lines = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+
+def test_training_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path):
+    """SIGKILL Snakemake and the training job after the step-10 checkpoint; the rerun resumes there
+    and ends with the same losses as the uninterrupted run."""
+    cfg = json.loads(json.dumps(smoke_run["cfg"]))
+    cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
+    write_config(tmp_path, cfg)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "results/smoke/train_summary.json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=ENV)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("results/work/train/*/checkpoints/step_000010")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(tmp_path.glob("results/store/train/*/manifest.json"))
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    rerun = snakemake(tmp_path, "results/smoke/train_summary.json")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (log,) = tmp_path.glob("results/logs/train/*.log")
+    assert "resuming from" in log.read_text() and "step_000010" in log.read_text()
+    resumed, straight = final_losses(tmp_path / "results" / "store"), final_losses(smoke_run["dir"] / "results" /
+                                                                                   "store")
+    assert [s for s, _ in resumed] == list(range(1, 21))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-6)

@@ -1,0 +1,168 @@
+import math
+import re
+import shlex
+
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import dims, train
+from pipeline.model import GPT, GPTConfig, has_value_embedding, window_sizes
+from pipeline.optim import MuonAdamW, orthogonalize
+
+SEED_TEXT = (REPO.parent / "shared" / "leaderboard-seed.txt")
+
+
+def seed_commands():
+    """The base_train commands on the leaderboard page (the page itself where it is available)."""
+    if SEED_TEXT.exists():
+        text = SEED_TEXT.read_text()
+        blocks = re.findall(r"torchrun --standalone --nproc_per_node=8 -m scripts\.base_train -- \\\n((?:.*\\\n)*.*)",
+                            text)
+        return [shlex.split(b.replace("\\\n", " ")) for b in blocks]
+    return [shlex.split('--depth=26 --run="d26-feb2-fp8-ratio8.5" --model-tag="d26_feb2_fp8_ratio8.5" '
+                        "--device-batch-size=16 --sample-every=-1 --save-every=-1 --core-metric-max-per-task=-1 "
+                        "--core-metric-every=999999 --target-param-data-ratio=8.5 --fp8")]
+
+
+def test_every_seed_command_parses():
+    commands = seed_commands()
+    assert len(commands) >= 4
+    for argv in commands:
+        args = train.parse_args(["--", *argv])
+        assert args.depth in (12, 24, 26)
+    run3 = train.parse_args(["--", *next(c for c in commands if "--total-batch-size=1048576" in c)])
+    assert (run3.total_batch_size, run3.target_param_data_ratio, run3.fp8, run3.device_batch_size) == \
+        (1048576, 8.25, True, 16)
+    assert run3.run == "d26_feb4_double_batch_ratio8.25" and run3.core_metric_every == 999999
+
+
+@pytest.mark.parametrize("flags, iterations, batch", [
+    (["--depth=24", "--target-param-data-ratio=12", "--total-batch-size=524288"], 16704, 2**19),   # run 1
+    (["--depth=26", "--target-param-data-ratio=8.5", "--total-batch-size=524288"], 14889, 2**19),  # run 2
+    (["--depth=26", "--target-param-data-ratio=8.25", "--total-batch-size=1048576"], 7226, 2**20),  # run 3
+    (["--depth=24", "--target-param-data-ratio=9.5"], 6612, 2**20),                                  # run 4, auto
+    (["--depth=12"], int(10.5 * 110101632) // 2**19, 2**19),
+])
+def test_depth_resolves_to_the_leaderboard_step_counts(flags, iterations, batch):
+    hp = train.resolve(train.parse_args([*flags, "--device-batch-size=16"]), 32768, 8)
+    assert (hp["num_iterations"], hp["total_batch_size"]) == (iterations, batch)
+    assert hp["grad_accum_steps"] == batch // (16 * 2048 * 8)
+
+
+def test_run_1_flops_match_the_published_total():
+    hp = train.resolve(train.parse_args(["--depth=24", "--target-param-data-ratio=12",
+                                         "--total-batch-size=524288"]), 32768, 8)
+    assert hp["total_flops"] == pytest.approx(4.330784131228946e19, rel=1e-4)
+
+
+def test_hyperparameters_scale_with_batch_and_width():
+    small = train.resolve(train.parse_args(["--depth=12"]), 32768, 1)
+    big = train.resolve(train.parse_args(["--depth=26"]), 32768, 1)
+    assert small["lr"]["matrix"] == pytest.approx(0.02)        # d12, 2^19: the reference point
+    assert small["lr"]["embedding"] == pytest.approx(0.3)
+    assert big["lr"]["matrix"] == pytest.approx(0.02 * math.sqrt(2))
+    assert big["lr"]["embedding"] == pytest.approx(0.3 * (1664 / 768) ** -0.5 * math.sqrt(2))
+    assert small["weight_decay"] == pytest.approx(0.2)
+    assert big["weight_decay"] < small["weight_decay"]
+
+
+def test_a_batch_the_devices_cannot_split_is_refused():
+    with pytest.raises(train.StageError, match="not a multiple"):
+        train.resolve(train.parse_args(["--depth=12", "--total-batch-size=100000"]), 32768, 8)
+
+
+def test_schedules():
+    assert train.lr_multiplier(0, 100, 0.0, 0.5, 0.0) == 1.0
+    assert train.lr_multiplier(50, 100, 0.0, 0.5, 0.0) == 1.0
+    assert train.lr_multiplier(75, 100, 0.0, 0.5, 0.0) == pytest.approx(0.5)
+    assert train.lr_multiplier(100, 100, 0.0, 0.5, 0.1) == pytest.approx(0.1)
+    assert train.lr_multiplier(0, 100, 0.1, 0.5, 0.0) == pytest.approx(0.1)
+    assert train.muon_momentum(0) == 0.85 and train.muon_momentum(150) == pytest.approx(0.9)
+    assert train.muon_momentum(10_000) == 0.95
+
+
+@pytest.mark.parametrize("depth", [2, 12, 24, 26])
+def test_model_counts_agree_with_dims(depth):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth, 32768))
+    assert model.num_scaling_params()["scaling"] == dims.scaling_params(depth, 32768)
+
+
+def test_flops_per_token_match_nanochat():
+    with torch.device("meta"):
+        d24 = GPT(GPTConfig.from_depth(24, 32768))
+    assert d24.estimate_flops() == pytest.approx(4.9451e9, rel=1e-4)
+
+
+def test_architecture_details():
+    config = GPTConfig.from_depth(24, 32768)
+    assert (config.n_embd, config.n_head) == (1536, 12)
+    sizes = window_sizes(config)
+    assert sizes.count(2048) == 6 and sizes.count(1024) == 18 and sizes[-1] == 2048
+    assert [i for i in range(12) if has_value_embedding(i, 12)] == [1, 3, 5, 7, 9, 11]
+    with pytest.raises(ValueError, match="window_pattern"):
+        window_sizes(GPTConfig(window_pattern="SXL"))
+    assert GPTConfig.from_depth(2, 4093).vocab_size == 4093
+    with torch.device("meta"):
+        assert GPT(GPTConfig.from_depth(2, 4093)).lm_head.weight.shape[0] == 4096  # padded to 64
+
+
+def tiny(vocab=256, seq=32, pattern="SSSL", depth=4):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=2, n_embd=64,
+                          window_pattern=pattern))
+    model.init_weights()
+    return model
+
+
+def test_forward_is_causal_and_capped():
+    model = tiny()
+    x = torch.randint(0, 256, (2, 32))
+    logits = model(x)
+    assert logits.shape == (2, 32, 256) and logits.abs().max() <= 15
+    x2 = x.clone()
+    x2[:, 20:] = (x2[:, 20:] + 1) % 256  # the future must not change the past
+    assert torch.allclose(model(x2)[:, :20], logits[:, :20], atol=1e-5)
+    loss = model(x, x)
+    assert abs(loss.item() - math.log(256)) < 0.5  # near-uniform at init
+
+
+def test_short_windows_limit_what_a_query_sees():
+    model = tiny(pattern="SL", depth=2)
+    assert model.windows == [16, 32]   # S is half the context; the last layer is always full
+    for block in model.transformer.h:  # non-zero output projections, so attention shows in the logits
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
+    model.windows = [4, 4]             # two layers that each look 4 tokens back reach 8 back in all
+    x = torch.randint(0, 256, (1, 32))
+    x2 = x.clone()
+    x2[0, 0] = (x2[0, 0] + 1) % 256
+    a, b = model(x), model(x2)
+    assert torch.allclose(a[0, 9:], b[0, 9:], atol=1e-6)
+    assert not torch.allclose(a[0, :9], b[0, :9])
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    g = torch.randn(3, 64, 32)
+    s = torch.linalg.svdvals(orthogonalize(g).float())
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_optimizer_trains_a_tiny_model():
+    model = tiny()
+    hp = {"lr": {"embedding": 0.3, "unembedding": 0.004, "scalar": 0.5, "matrix": 0.02}, "weight_decay": 0.0}
+    opt = train.make_optimizer(model, hp, train.parse_args([]))
+    kinds = [g["kind"] for g in opt.param_groups]
+    assert kinds.count("adamw") == 5 and kinds.count("muon") >= 3
+    x = torch.randint(0, 256, (4, 33))
+    first = None
+    for _ in range(30):
+        loss = model(x[:, :-1], x[:, 1:])
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    assert loss.item() < first - 1.0  # memorises the batch
+    with pytest.raises(ValueError, match="same shape"):
+        MuonAdamW([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(2, 2)),
+                                               torch.nn.Parameter(torch.zeros(3, 2))]}])

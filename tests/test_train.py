@@ -1,0 +1,145 @@
+"""Training for real on CPU: the smoke row's tiny GPT on the shipped web text."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from pipeline import checkpoint, launch, plan, store, train
+from pipeline.model import GPT
+from pipeline.store import StageError
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_data):
+    spec = smoke_data["plan"].specs[smoke_data["plan"].rows["smoke"]["train"][0]]
+    inputs = [smoke_data["root"] / "store" / r for r in spec["inputs"]]
+    return spec, inputs
+
+
+def with_params(spec, **changes):
+    """The smoke spec with other training flags (a new key, as the plan would give it)."""
+    params = {**spec["params"], **changes}
+    return plan.make_spec("train", params, spec["inputs"], settings=spec["settings"])
+
+
+def train_subprocess(spec, inputs, tmp, nproc=1):
+    out, work = tmp / "out", tmp / "work"
+    argv = launch.train_argv(spec, inputs, out, work)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pipeline.train", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pipeline.train", "--", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stderr
+
+
+def metrics(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "val_bpb" in r]
+
+
+@pytest.fixture(scope="module")
+def single(smoke, tmp_path_factory):
+    spec, inputs = smoke
+    return train_subprocess(spec, inputs, tmp_path_factory.mktemp("single"))
+
+
+def test_loss_falls_on_real_text(single, smoke):
+    out, _ = single
+    steps, evals = metrics(out)
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert steps[0]["loss"] == pytest.approx(8.32, abs=0.05)          # ln(4096): uniform at init
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.4
+    assert [e["step"] for e in evals] == [0, 10, 20]
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.2
+
+
+def test_summary_and_manifest(single, smoke):
+    out, _ = single
+    spec, _ = smoke
+    summary = json.loads((out / "train_summary.json").read_text())
+    hp = json.loads((out / "manifest.json").read_text())["resolved"]
+    assert summary["step"] == 20 and summary["tokens"] == 20 * 4096
+    assert summary["timed_steps"] == 9                       # steps 0-10 are warm-up, untimed
+    assert summary["total_training_time"] > 0
+    assert summary["total_training_flops"] == hp["flops_per_token"] * 4096 * 20
+    assert summary["val_bpb"] == summary["min_val_bpb"] and summary["peak_memory_bytes"] > 0
+    assert hp["grad_accum_steps"] == 2 and hp["num_iterations"] == 20
+    assert store.verify(out) == []
+    model = GPT(train.GPTConfig(**json.loads((out / "model.json").read_text())["config"]))
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # a complete, loadable model
+
+
+def test_two_processes_give_the_same_loss_curve(single, smoke, tmp_path):
+    spec, inputs = smoke
+    two = {**spec, "settings": {**spec["settings"], "launch": {"nproc_per_node": 2, "nodes": 1}}}
+    out, log = train_subprocess(two, inputs, tmp_path, nproc=2)
+    one_steps, one_evals = metrics(single[0])
+    two_steps, two_evals = metrics(out)
+    assert json.loads((out / "train_summary.json").read_text())["world_size"] == 2
+    assert json.loads((out / "manifest.json").read_text())["resolved"]["grad_accum_steps"] == 1
+    assert [r["loss"] for r in two_steps] == pytest.approx([r["loss"] for r in one_steps], rel=2e-3)
+    assert [e["val_bpb"] for e in two_evals] == pytest.approx([e["val_bpb"] for e in one_evals], rel=2e-3)
+
+
+def test_fp8_runs_on_cpu_and_names_the_layers(smoke, tmp_path):
+    spec, inputs = smoke
+    fp8 = with_params(spec, fp8=True, num_iterations=3, eval_every=-1, save_every=-1)
+    out, log = train_subprocess(fp8, inputs, tmp_path)
+    layers = json.loads((out / "train_summary.json").read_text())["fp8_layers"]
+    assert "lm_head (128->4096)" in layers["converted"]
+    assert "transformer.h.0.attn.c_q (128->128)" in layers["converted"]
+    assert layers["skipped"] == ["transformer.h.1.attn.ve_gate (32->1)"]  # 1 output: not divisible by 16
+    assert "skipped (dims not divisible by 16): transformer.h.1.attn.ve_gate" in log
+
+
+def test_flags_that_differ_from_the_spec_are_refused(smoke, tmp_path, capsys):
+    spec, inputs = smoke
+    argv = launch.train_argv(spec, inputs, tmp_path / "o", tmp_path / "w")
+    assert train.main([*argv, "--depth=4"]) == 2
+    assert "--depth=4 differs from the spec's 2" in capsys.readouterr().err
+    assert train.main([*argv, "--fp8"]) == 2
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(smoke, tmp_path, monkeypatch):
+    spec, inputs = smoke
+    spec = with_params(spec, save_every=2, eval_every=-1)
+    args = train.parse_args(launch.flag_args(spec["params"]))
+    calls = {"n": 0}
+    real = GPT.forward
+
+    def poisoned(self, idx, targets=None, loss_reduction="mean"):
+        out = real(self, idx, targets, loss_reduction)
+        calls["n"] += targets is not None
+        return out * float("nan") if calls["n"] > 10 else out  # 2 micro-batches a step: step 5 goes bad
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    work = tmp_path / "work"
+    with pytest.raises(StageError, match="loss became nan at step 5"):
+        train.Trainer(args, spec, inputs, tmp_path / "out", work).run()
+    assert [p.name for p in checkpoint.step_dirs(work / "checkpoints")] == ["step_000002", "step_000004"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_launch_commands():
+    spec = plan.make_spec("train", {"depth": 26, "fp8": True, "device_batch_size": 16}, [],
+                          settings={"run": "r", "launch": {"nproc_per_node": 8, "nodes": 1}})
+    cmd = launch.train_command(spec, ["a", "b"], "out", "work")
+    assert cmd.startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- "
+                          "--run=r --depth=26 --fp8 --device-batch-size=16 --spec ")
+    assert cmd.endswith("--inputs a b --out out --work work")
+    cpu = plan.make_spec("train", {"depth": 2, "device_type": "cpu"}, [], settings={"launch": {"nproc_per_node": 1,
+                                                                                                "nodes": 1}})
+    assert launch.train_command(cpu, [], "o", "w").startswith("python -m pipeline.train --depth=2 --device-type=cpu")
+    assert launch.gpus(spec) == 8 and launch.gpus(cpu) == 0
