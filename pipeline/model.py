@@ -77,19 +77,18 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-_masks = {}
+def window_mask(seq_len, window, device=None):
+    """True where query i may attend to key j: j <= i and i - j <= window."""
+    i = torch.arange(seq_len, device=device)
+    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
 
 
-def attention(q, k, v, window):
-    """Causal attention where a query sees itself and at most `window` earlier positions (B, H, T, D)."""
-    T = q.size(-2)
-    if window >= T:
+def attention(q, k, v, mask):
+    """Causal attention (B, H, T, D); `mask` narrows it to a sliding window (None: full context)."""
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    key = (T, window, q.device)
-    if key not in _masks:
-        i = torch.arange(T, device=q.device)
-        _masks[key] = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_masks[key])
+    T = q.size(-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:T, :T])
 
 
 class Attention(nn.Module):
@@ -103,7 +102,7 @@ class Attention(nn.Module):
         self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False)
                         if has_value_embedding(layer, config.n_layer) else None)
 
-    def forward(self, x, ve, cos, sin, window):
+    def forward(self, x, ve, cos, sin, mask):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -112,7 +111,7 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -132,8 +131,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(rms_norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, mask):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, mask)
         return x + self.mlp(rms_norm(x))
 
 
@@ -155,6 +154,9 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.sequence_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # one precomputed mask per short window: no tensors are built inside forward (torch.compile)
+        for w in sorted(set(self.windows) - {config.sequence_len}):
+            self.register_buffer(f"mask_{w}", window_mask(config.sequence_len, w), persistent=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -178,6 +180,8 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.config.sequence_len, d // self.config.n_head, self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+        for w in set(self.windows) - {self.config.sequence_len}:
+            getattr(self, f"mask_{w}").copy_(window_mask(self.config.sequence_len, w, self.cos.device))
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         T = idx.size(1)
@@ -187,7 +191,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i])
+            w = self.windows[i]
+            x = block(x, ve, cos, sin, None if w >= T else getattr(self, f"mask_{w}"))
         logits = self.lm_head(rms_norm(x))[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

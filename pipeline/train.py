@@ -455,8 +455,8 @@ class Trainer:
             mfu = 100 * hp["flops_per_token"] * tok_per_sec / (peak * self.world) if peak else None
             self.step += 1
             record = {"step": self.step, "loss": loss, "smooth_loss": smooth / (1 - SMOOTHING ** self.step),
-                      "lrm": lrm, "dt_ms": 1000 * dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
-                      "total_training_time": self.loop["total_training_time"]}
+                      "lrm": lrm, "matrix_lr": hp["lr"]["matrix"] * lrm, "dt_ms": 1000 * dt,
+                      "tok_per_sec": tok_per_sec, "mfu": mfu, "total_training_time": self.loop["total_training_time"]}
             self.log(record)
             if run is not None and self.step % 100 == 0:
                 run.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=self.step)

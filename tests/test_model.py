@@ -7,7 +7,7 @@ import torch
 
 from conftest import REPO
 from pipeline import dims, train
-from pipeline.model import GPT, GPTConfig, has_value_embedding, window_sizes
+from pipeline.model import GPT, GPTConfig, has_value_embedding, window_mask, window_sizes
 from pipeline.optim import MuonAdamW, orthogonalize
 
 SEED_TEXT = (REPO.parent / "shared" / "leaderboard-seed.txt")
@@ -134,6 +134,7 @@ def test_short_windows_limit_what_a_query_sees():
     for block in model.transformer.h:  # non-zero output projections, so attention shows in the logits
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
     model.windows = [4, 4]             # two layers that each look 4 tokens back reach 8 back in all
+    model.register_buffer("mask_4", window_mask(32, 4), persistent=False)
     x = torch.randint(0, 256, (1, 32))
     x2 = x.clone()
     x2[0, 0] = (x2[0, 0] + 1) % 256
@@ -166,3 +167,13 @@ def test_optimizer_trains_a_tiny_model():
     with pytest.raises(ValueError, match="same shape"):
         MuonAdamW([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(2, 2)),
                                                torch.nn.Parameter(torch.zeros(3, 2))]}])
+
+
+def test_config_schema_allows_exactly_the_train_flags():
+    import yaml
+
+    from pipeline.config import SCHEMA_PATH
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    allowed = set(schema["properties"]["rows"]["additionalProperties"]["properties"]["train"]["properties"])
+    flags = set(vars(train.build_parser().parse_args([]))) - train.STORE_FLAGS | {"run", "model_tag"}
+    assert allowed == flags

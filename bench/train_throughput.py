@@ -1,0 +1,106 @@
+"""Training throughput of pipeline.train's step: tok/s and MFU for one depth on this device.
+
+reference (measured in the same run): one dense matmul of the model's MLP shape, in the training dtype:
+the FLOP/s this device really delivers. ratio = the training step's FLOP/s / that matmul's FLOP/s.
+MFU against the datasheet bf16 peak is printed too where the GPU is known (nanochat's definition), and
+on an H100 at d26 the tok/s against nanochat's reported 78.8K (bf16) / 92.5K (fp8) per GPU.
+
+    .venv/bin/python bench/train_throughput.py --depth 26 --device-batch-size 16 [--fp8]
+    .venv/bin/python bench/train_throughput.py --depth 2 --max-seq-len 256 --device-batch-size 8   # CPU
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout
+from pipeline import train  # noqa: E402
+from pipeline.model import GPT, GPTConfig  # noqa: E402
+
+NANOCHAT_D26_H100 = {False: 78.8e3, True: 92.5e3}  # tok/s per GPU, nanochat dev/LOG.md 2026-02-02
+
+
+def timed(fn, device, repeat):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
+
+
+def matmul_flops(config, rows, device, dtype, repeat):
+    a = torch.randn(rows, config.n_embd, device=device, dtype=dtype)
+    b = torch.randn(config.n_embd, 4 * config.n_embd, device=device, dtype=dtype)
+    return 2 * rows * config.n_embd * 4 * config.n_embd / timed(lambda: a @ b, device, repeat)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=12)
+    ap.add_argument("--device-batch-size", type=int, default=16)
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--vocab-size", type=int, default=32768)
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup untimed ones")
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("high")
+    config = GPTConfig.from_depth(args.depth, args.vocab_size, args.max_seq_len)
+    model = GPT(config).to(device)
+    model.init_weights()
+    if args.fp8:
+        converted, skipped = train.convert_fp8(model, "tensorwise")
+        print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
+    use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    step_model = torch.compile(model, dynamic=False) if use_compile else model
+    flags = train.parse_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}",
+                              f"--device-batch-size={args.device_batch_size}",
+                              f"--total-batch-size={args.device_batch_size * args.max_seq_len}"])
+    optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1), flags)
+    x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def step():
+        with autocast:
+            loss = step_model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    seconds = timed(step, device, args.steps)
+    tokens = args.device_batch_size * args.max_seq_len
+    flops = model.estimate_flops() * tokens / seconds
+    reference = matmul_flops(config, tokens, device, dtype, max(3, args.steps))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = train.peak_flops(device)
+    print(f"device {name}, d{args.depth} (dim {config.n_embd}), {tokens} tokens/step, "
+          f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile}")
+    print(f"train: {seconds * 1000:.1f} ms/step, {tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
+    print(f"reference matmul ({tokens}x{config.n_embd} @ {config.n_embd}x{4 * config.n_embd}): "
+          f"{reference / 1e12:.3f} TFLOP/s")
+    print(f"ratio train/matmul FLOP/s: {flops / reference:.3f}")
+    if peak:
+        print(f"MFU vs {peak / 1e12:.0f} TFLOP/s bf16 peak: {100 * flops / peak:.1f}%")
+    if device.type == "cuda" and "h100" in name.lower() and args.depth == 26:
+        ref = NANOCHAT_D26_H100[args.fp8]
+        print(f"vs nanochat d26 on H100 ({ref / 1e3:.1f}K tok/s): {tokens / seconds / ref:.3f}"
+              f" -> {'MET' if tokens / seconds > ref else 'NOT MET'}")
+    if device.type == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
