@@ -27,7 +27,8 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
                           settings={"row": "gpu", "launch": {"nproc_per_node": 1, "nodes": 1}})
     inputs = [smoke_data["root"] / "store" / r for r in spec["inputs"]]
     out, work = tmp_path / "out", tmp_path / "work"
-    cmd = launch.train_command(spec, inputs, out, work).replace("torchrun", f"{sys.executable} -m torch.distributed.run")
+    torchrun = f"{sys.executable} -m torch.distributed.run"
+    cmd = launch.train_command(spec, inputs, out, work).replace("torchrun", torchrun)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
