@@ -143,3 +143,29 @@ def test_launch_commands():
                                                                                                 "nodes": 1}})
     assert launch.train_command(cpu, [], "o", "w").startswith("python -m pipeline.train --depth=2 --device-type=cpu")
     assert launch.gpus(spec) == 8 and launch.gpus(cpu) == 0
+
+
+def test_a_checkpoint_from_one_process_resumes_on_two(single, smoke, tmp_path, monkeypatch):
+    spec, inputs = smoke
+    args = train.parse_args(launch.flag_args(spec["params"]))
+    real = train.Trainer.train_step
+
+    def dies_at_15(self):
+        if self.step == 15:
+            raise RuntimeError("killed")
+        return real(self)
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(train.Trainer, "train_step", dies_at_15)
+    work = tmp_path / "work"
+    with pytest.raises(RuntimeError, match="killed"):
+        train.Trainer(args, spec, inputs, tmp_path / "out", store.work_dir(spec, work)).run()
+    assert checkpoint.latest(store.work_dir(spec, work) / "checkpoints").name == "step_000010"
+    monkeypatch.undo()
+    two = {**spec, "settings": {**spec["settings"], "launch": {"nproc_per_node": 2, "nodes": 1}}}
+    out, log = train_subprocess(two, inputs, tmp_path, nproc=2)
+    assert "resuming from" in log
+    resumed, _ = metrics(out)
+    straight, _ = metrics(single[0])
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=2e-3)
