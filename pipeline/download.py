@@ -91,20 +91,25 @@ def _fetch_http(url, part, progress, timeout):
 
 
 def verify_shard(path):
-    """Open as parquet and decode every row group of `text`; return (num_rows, num_row_groups)."""
+    """Open as parquet and decode every row group of `text`; what we learnt about the shard."""
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
         for i in range(pf.num_row_groups):
             pf.read_row_group(i, columns=["text"])
-        return pf.metadata.num_rows, pf.num_row_groups
+        return {"num_rows": pf.metadata.num_rows, "num_row_groups": pf.num_row_groups}
     except Exception as e:  # pyarrow raises several types for bytes that are not parquet
         raise BadBodyError(f"not a valid nanochat shard: {e}") from e
 
 
-def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=lambda n: None):
-    """Download `url` to `dest` (verified); a partial `.part` file is resumed, never trusted."""
+def fetch_shard(url, dest, **kw):
+    return fetch(url, dest, verify_shard, **kw)
+
+
+def fetch(url, dest, verify, *, attempts=5, backoff_s=1.0, timeout=60, progress=lambda n: None):
+    """Download `url` to `dest`; `verify(path)` checks the bytes (raising BadBodyError) before they
+    get the final name. A partial `.part` file is resumed, never trusted."""
     part = dest.with_name(dest.name + ".part")
     local = _local_path(url)
     for attempt in range(1, attempts + 1):
@@ -113,9 +118,9 @@ def fetch_shard(url, dest, *, attempts=5, backoff_s=1.0, timeout=60, progress=la
                 _fetch_local(local, part, progress)
             else:
                 _fetch_http(url, part, progress, timeout)
-            rows, groups = verify_shard(part)
+            info = verify(part)
             os.replace(part, dest)
-            return {"url": url, "num_rows": rows, "num_row_groups": groups, "attempts": attempt}
+            return {"url": url, **info, "attempts": attempt}
         except TransientError as e:
             # A bad body is discarded; a cut-short one is kept so the next try resumes it.
             if isinstance(e, BadBodyError):

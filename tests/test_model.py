@@ -10,19 +10,15 @@ from pipeline import dims, train
 from pipeline.model import GPT, GPTConfig, has_value_embedding, window_mask, window_sizes
 from pipeline.optim import MuonAdamW, orthogonalize
 
-SEED_TEXT = (REPO.parent / "shared" / "leaderboard-seed.txt")
+SEED_TEXT = REPO / "tests" / "fixtures" / "leaderboard" / "leaderboard-seed.txt"
 
 
 def seed_commands():
-    """The base_train commands on the leaderboard page (the page itself where it is available)."""
-    if SEED_TEXT.exists():
-        text = SEED_TEXT.read_text()
-        blocks = re.findall(r"torchrun --standalone --nproc_per_node=8 -m scripts\.base_train -- \\\n((?:.*\\\n)*.*)",
-                            text)
-        return [shlex.split(b.replace("\\\n", " ")) for b in blocks]
-    return [shlex.split('--depth=26 --run="d26-feb2-fp8-ratio8.5" --model-tag="d26_feb2_fp8_ratio8.5" '
-                        "--device-batch-size=16 --sample-every=-1 --save-every=-1 --core-metric-max-per-task=-1 "
-                        "--core-metric-every=999999 --target-param-data-ratio=8.5 --fp8")]
+    """Every base_train command on the leaderboard page."""
+    text = SEED_TEXT.read_text()
+    blocks = re.findall(r"torchrun --standalone --nproc_per_node=8 -m scripts\.base_train -- \\\n((?:.*\\\n)*.*)",
+                        text)
+    return [shlex.split(b.replace("\\\n", " ")) for b in blocks]
 
 
 def test_every_seed_command_parses():
