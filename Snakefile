@@ -18,15 +18,18 @@ include: "workflow/rules/download.smk"
 include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretokenize.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/core.smk"
 
 
 localrules:
     all,
     token_shards,
     train_summary,
+    core_json,
 
 
 rule all:
     input:
         "results/smoke/token_shards.json",
         "results/smoke/train_summary.json",
+        "results/smoke/core.json",

@@ -28,17 +28,21 @@ def train_argv(spec, inputs, out, work):
             "--inputs", *map(str, inputs), "--out", str(out), "--work", str(work)]
 
 
-def launcher(spec):
+def device_type(spec):
+    return spec["params"].get("device_type") or spec["settings"].get("device_type")
+
+
+def launcher(spec, module="pipeline.train"):
     """One CPU process runs plainly; anything else goes through torchrun (one node, for now)."""
     nproc = spec["settings"]["launch"]["nproc_per_node"]
-    if nproc == 1 and spec["params"].get("device_type") == "cpu":
-        return ["python", "-m", "pipeline.train"]
-    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline.train", "--"]
+    if nproc == 1 and device_type(spec) == "cpu":
+        return ["python", "-m", module]
+    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--"]
 
 
 def gpus(spec):
-    """GPUs a train job occupies (0 on CPU): what a profile's `resources: gpu=N` budgets."""
-    if spec["params"].get("device_type") == "cpu":
+    """GPUs a train or core job occupies (0 on CPU): what a profile's `resources: gpu=N` budgets."""
+    if device_type(spec) == "cpu":
         return 0
     launch = spec["settings"]["launch"]
     return launch["nproc_per_node"] * launch["nodes"]
@@ -46,6 +50,16 @@ def gpus(spec):
 
 def train_command(spec, inputs, out, work):
     """The whole shell command for a train spec (OMP_NUM_THREADS=1 as nanochat runs it under torchrun)."""
-    cmd = launcher(spec) + train_argv(spec, inputs, out, work)
+    return _shell(launcher(spec) + train_argv(spec, inputs, out, work))
+
+
+def core_command(spec, inputs, out, work):
+    """The core stage's command: its items are split over the same processes as training."""
+    argv = ["--spec", json.dumps(spec, sort_keys=True, separators=(",", ":")), "--inputs", *map(str, inputs),
+            "--out", str(out), "--work", str(work)]
+    return _shell(launcher(spec, "pipeline.core") + argv)
+
+
+def _shell(cmd):
     prefix = "OMP_NUM_THREADS=1 " if cmd[0] == "torchrun" else ""
     return prefix + " ".join(shlex.quote(c) for c in cmd)

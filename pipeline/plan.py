@@ -35,7 +35,7 @@ STAGE_SOURCES = {
     "pretokenize": ("pretokenize.py",),
     "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py"),
     "bundle": ("bundle.py",),
-    "core": ("core.py",),
+    "core": ("core.py", "core_tasks.py"),
 }
 # Flags that only name things; renaming a run must not retrain it.
 TRAIN_NAME_FLAGS = ("run", "model_tag")
@@ -165,8 +165,11 @@ def _row_plan(plan, cfg, name, row, root):
         bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
         bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
                                     root=root))
-        core = plan.add(make_spec("core", {k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks")},
-                                  [ref(train), ref(bundle), ref(tokenizer)], root=root))
+        core = plan.add(make_spec(
+            "core", {k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks", "bpb_tokens")},
+            [ref(train), ref(bundle), ref(tokenizer), ref(pretokenized[0]), ref(pretokenized[-1])],
+            settings={"row": name, "launch": row["launch"], "device_type": row["train"].get("device_type"),
+                      "batch_tokens": core_cfg["batch_tokens"]}, root=root))
         keys.update(bundle=[bundle["key"]], core=[core["key"]])
     return keys
 

@@ -1,0 +1,254 @@
+"""core: the DCLM CORE metric of a trained model on the eval bundle, plus bits per byte and samples.
+
+    python -m pipeline.core --checkpoint results/store/train/<key> --bundle <dir> --max-per-task 100 --out core.json
+    torchrun --standalone --nproc_per_node=8 -m pipeline.core -- --row d26_fp8     # items split over ranks
+    (Snakemake passes --spec, --inputs, --out and --work)
+
+core.json: per task accuracy, centered accuracy ((acc - baseline) / (1 - baseline)) and item counts;
+core_metric = the mean centered accuracy. A bundle that lacks task files is an error unless the row
+allows it (`allow_missing_tasks`); then the missing tasks are listed and core_metric is `partial`,
+never comparable to GPT-2's 0.256525.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline import core_tasks, plan, store, tokenizer
+from pipeline.loader import DistributedLoader
+from pipeline.model import GPT, GPTConfig
+from pipeline.store import StageError
+
+GPT2_CORE = 0.256525
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+
+
+def load_checkpoint_model(train_dir, device):
+    train_dir = Path(train_dir)
+    try:
+        config = GPTConfig(**json.loads((train_dir / "model.json").read_text())["config"])
+        model = GPT(config)
+        model.load_state_dict(torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        raise StageError(f"{train_dir}: not a loadable trained model ({e})") from e
+    return model.to(device).eval()
+
+
+class Scorer:
+    """Runs examples through a model in batches of whole items (up to `batch_tokens` padded tokens),
+    right-padded with BOS, which causal attention never lets an earlier position see."""
+
+    def __init__(self, model, pad, device, batch_tokens):
+        self.model, self.pad, self.device, self.batch_tokens = model, pad, device, batch_tokens
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def correct(self, examples):
+        out = [None] * len(examples)
+        order = sorted(range(len(examples)), key=lambda i: max(map(len, examples[i].rows)))
+        batch = []
+        for i in order:
+            width = max(map(len, examples[i].rows))
+            rows = sum(len(examples[j].rows) for j in batch) + len(examples[i].rows)
+            if batch and rows * width > self.batch_tokens:
+                self._run(examples, batch, out)
+                batch = []
+            batch.append(i)
+        if batch:
+            self._run(examples, batch, out)
+        return out
+
+    def _run(self, examples, batch, out):
+        rows = [r for i in batch for r in examples[i].rows]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)] = torch.tensor(r)
+        ids = ids.to(self.device)
+        with self.autocast():
+            logits = self.model(ids).float()
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").tolist()
+        predictions = logits.argmax(-1).tolist()
+        at = 0
+        for i in batch:
+            n = len(examples[i].rows)
+            out[i] = core_tasks.decide(examples[i], losses[at:at + n], predictions[at:at + n])
+            at += n
+
+
+def evaluate_core(scorer, tasks, encode, bos, max_len, max_per_task, allow_missing, rank=0, world=1, log=print):
+    """{"tasks": {...}, "missing_tasks": [...], "core_metric": ..., "partial": ...}"""
+    results, missing = {}, []
+    for task in tasks:
+        if not task.path.is_file():
+            if not allow_missing:
+                raise StageError(f"{task.path}: task file of {task.label!r} is missing from the bundle (set the row's "
+                                 "core.allow_missing_tasks to score only the tasks present, as a partial CORE)")
+            missing.append(task.label)
+            continue
+        t0 = time.time()
+        pool = core_tasks.shuffled(core_tasks.load_items(task))
+        items = pool[:max_per_task] if max_per_task > 0 else pool
+        mine = range(rank, len(items), world)
+        examples = [core_tasks.tokenize(task, items[i], core_tasks.fewshot(pool, i, task.num_fewshot), encode, bos,
+                                        max_len) for i in mine]
+        right = torch.zeros(len(items), dtype=torch.float64, device=scorer.device)
+        for i, ok in zip(mine, scorer.correct(examples), strict=True):
+            right[i] = float(ok)
+        if world > 1:
+            dist.all_reduce(right)
+        accuracy = float(right.mean())
+        results[task.label] = {"type": task.type, "num_fewshot": task.num_fewshot, "items": len(items),
+                               "correct": int(right.sum()), "accuracy": accuracy,
+                               "random_baseline": task.random_baseline,
+                               "centered": core_tasks.centered(accuracy, task.random_baseline)}
+        log(f"{task.label} ({task.num_fewshot}-shot, {task.type}): accuracy {accuracy:.4f} | centered "
+            f"{results[task.label]['centered']:.4f} | {len(items)} items in {time.time() - t0:.1f}s")
+    if not results:
+        raise StageError("no CORE task could be evaluated: every task file is missing from the bundle")
+    core = sum(r["centered"] for r in results.values()) / len(results)
+    return {"tasks": results, "missing_tasks": missing, "core_metric": core, "partial": bool(missing),
+            "tasks_evaluated": len(results), "max_per_task": max_per_task}
+
+
+def gpt2_verdict(result):
+    """Comparable to GPT-2 only with every task and every item (nanochat's --core-metric-max-per-task=-1)."""
+    comparable = not result["partial"] and result["max_per_task"] == -1
+    return {"gpt2_core": GPT2_CORE, "comparable_to_gpt2": comparable,
+            "beats_gpt2": result["core_metric"] > GPT2_CORE if comparable else None}
+
+
+@torch.no_grad()
+def greedy_samples(model, enc, device, tokens=16):
+    out = {}
+    bos = enc.encode_single_token(tokenizer.BOS)
+    for prompt in SAMPLE_PROMPTS:
+        ids = [bos] + enc.encode_ordinary(prompt)
+        for _ in range(tokens):
+            logits = model(torch.tensor([ids[-model.config.sequence_len:]], device=device))
+            ids.append(int(logits[0, -1].argmax()))
+        out[prompt] = enc.decode(ids[len(enc.encode_ordinary(prompt)) + 1:])
+    return out
+
+
+def bits_per_byte(model, blocks, tok_dir, tokens, device, rank, world):
+    """nanochat's base_eval bpb: `tokens` worth of packed rows from each split."""
+    from pipeline.train import evaluate_bpb
+
+    token_bytes = torch.from_numpy(np.load(Path(tok_dir) / "token_bytes.npy")).to(device)
+    seq, rows = model.config.sequence_len, 8
+    steps = max(1, tokens // (rows * seq * world))
+    out = {}
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    for split, block in blocks.items():
+        loader = DistributedLoader([block], rows, seq, rank, world)
+        out[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes, autocast, world)
+    out["tokens_per_split"] = steps * rows * seq * world
+    return out
+
+
+def setup_device():
+    from pipeline.train import setup_device as setup
+    return setup("")
+
+
+def run(spec, inputs, out, work, threads):
+    """The core stage: inputs are the train, bundle and tokenizer directories, then a train and the
+    validation token-shard block."""
+    params = spec["params"]
+    train_dir, bundle_dir, tok_dir, train_block, val_block = map(Path, inputs)
+    device, rank, _, world = setup_device()
+    enc = tokenizer.load(tok_dir)
+    model = load_checkpoint_model(train_dir, device)
+    bos = enc.encode_single_token(tokenizer.BOS)
+    scorer = Scorer(model, bos, device, spec["settings"].get("batch_tokens", 32768))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    started = store.now_iso()
+    result = evaluate_core(scorer, core_tasks.load_tasks(bundle_dir), enc.encode_ordinary, bos,
+                           model.config.sequence_len, params["max_per_task"], params["allow_missing_tasks"], rank,
+                           world, log=lambda m: log(m, file=sys.stderr))
+    bpb = bits_per_byte(model, {"train": train_block, "val": val_block}, tok_dir, params["bpb_tokens"], device,
+                        rank, world)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    bundle = store.read_manifest(bundle_dir)
+    result.update(gpt2_verdict(result), checkpoint_key=store.read_manifest(train_dir)["key"],
+                  bundle_key=bundle["key"], bundle_sha256=bundle["resolved"].get("sha256"), world_size=world)
+    work.mkdir(parents=True, exist_ok=True)
+    store.write_json(work / "core.json", result)
+    store.write_json(work / "bpb.json", bpb)
+    store.write_json(work / "samples.json", greedy_samples(model, enc, device))
+    store.seal(spec, ["core.json", "bpb.json", "samples.json"], work, out, started_at=started,
+               resolved={"core_metric": result["core_metric"], "partial": result["partial"], **bpb})
+    log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    ap = argparse.ArgumentParser(prog="python -m pipeline.core", description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", help="the stage spec as JSON (what Snakemake passes)")
+    ap.add_argument("--inputs", nargs="+", help="with --spec: train, bundle, tokenizer, train block, val block")
+    ap.add_argument("--out", help="with --spec: the store directory; else the core.json to write")
+    ap.add_argument("--work", default="results/work")
+    ap.add_argument("--row", help="evaluate this row of the config (its train, bundle and tokenizer)")
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--checkpoint", help="a train store directory (model.pt, model.json)")
+    ap.add_argument("--tokenizer", help="with --checkpoint: its tokenizer store directory")
+    ap.add_argument("--bundle", help="with --checkpoint: an unpacked eval bundle directory")
+    ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
+    ap.add_argument("--allow-missing-tasks", action="store_true")
+    ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
+    args = ap.parse_args(argv)
+    try:
+        if args.spec:
+            spec = json.loads(args.spec)
+            run(spec, args.inputs, Path(args.out), store.work_dir(spec, args.work), os.cpu_count())
+        elif args.row:
+            cfg = plan.load_config(args.config)
+            p = plan.make_plan(cfg)
+            if args.row not in p.rows or "core" not in p.rows[args.row]:
+                raise StageError(f"{args.config}: no row {args.row!r} with a core bundle")
+            spec = p.specs[p.rows[args.row]["core"][0]]
+            root = Path(cfg["store_dir"])
+            run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
+                store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
+        elif args.checkpoint and args.bundle and args.tokenizer and args.out:
+            device, rank, _, world = setup_device()
+            enc = tokenizer.load(args.tokenizer)
+            model = load_checkpoint_model(args.checkpoint, device)
+            bos = enc.encode_single_token(tokenizer.BOS)
+            result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), core_tasks.load_tasks(args.bundle),
+                                   enc.encode_ordinary, bos, model.config.sequence_len, args.max_per_task,
+                                   args.allow_missing_tasks, rank, world,
+                                   log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
+            if rank == 0:
+                store.write_json(args.out, {**result, **gpt2_verdict(result)})
+        else:
+            ap.error("give --spec, --row, or --checkpoint with --tokenizer, --bundle and --out")
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
