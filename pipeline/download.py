@@ -53,7 +53,7 @@ def _local_path(url):
 
 def _fetch_local(src, part, progress):
     if not src.is_file():
-        raise StageError(f"{src}: no such file (check the dataset's base_url in config/config.yaml)")
+        raise StageError(f"{src}: no such file (check the URL or path in config/config.yaml)")
     have = part.stat().st_size if part.exists() else 0
     with open(src, "rb") as fin, open(part, "ab") as fout:
         fin.seek(have)

@@ -26,6 +26,8 @@ def snakemake(workdir, *args, config="config.yaml"):
 
 
 def write_config(workdir, cfg, name="config.yaml"):
+    # the repo config's local paths are relative to the checkout; these runs happen elsewhere
+    cfg["core_bundles"]["core_mini"]["url"] = str(REPO / "tests" / "fixtures" / "core_bundle_mini")
     (Path(workdir) / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -36,7 +38,7 @@ def smoke_run(tmp_path_factory):
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         cfg["datasets"]["webtext"]["base_url"] = server.url
         write_config(work, cfg)
-        targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json")
+        targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json", "results/smoke/core.json")
         first = snakemake(work, *targets)
         second = snakemake(work, *targets)
         requested = sorted(name for name, _ in server.requests)
@@ -53,13 +55,17 @@ def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
     assert summary["val"]["shards"] == ["shard_00006"]
     stores = sorted(p.parent for p in (work / "results" / "store").glob("*/*/manifest.json"))
     assert [p.parent.name for p in stores].count("download") == 2
-    assert {p.parent.name for p in stores} == {"download", "tokenizer", "pretokenize", "train"}
+    assert {p.parent.name for p in stores} == {"download", "tokenizer", "pretokenize", "train", "bundle", "core"}
     assert all(store.verify(p) == [] for p in stores)
     # every rule left its log and benchmark
     assert list((work / "results" / "logs" / "tokenizer").glob("*.log"))
     assert list((work / "results" / "benchmarks" / "pretokenize").glob("*.tsv"))
     summary = json.loads((work / "results" / "smoke" / "train_summary.json").read_text())
     assert summary["step"] == 20 and summary["val_bpb"] < 4
+    core = json.loads((work / "results" / "smoke" / "core.json").read_text())
+    assert core["tasks_evaluated"] == 18 and core["partial"] and not core["comparable_to_gpt2"]
+    assert core["missing_tasks"] == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
+    assert all(t["items"] == 8 for t in core["tasks"].values())
 
 
 def test_second_run_does_nothing(smoke_run):
@@ -164,3 +170,14 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path
                                                                                    "store")
     assert [s for s, _ in resumed] == list(range(1, 21))
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-6)
+
+
+def test_dry_run_of_a_leaderboard_row_plans_the_whole_chain(tmp_path):
+    write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    out = snakemake(tmp_path, "-n", "-p", "results/d26_fp8/core.json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rules = set(re.findall(r"^(?:local)?rule (\w+):", out.stdout, re.M))
+    assert rules == {"download", "tokenizer", "pretokenize", "train", "bundle", "core", "core_json"}
+    train = next(line for line in out.stdout.splitlines() if "-m pipeline.train" in line)
+    assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- --run=d26-feb2-fp8" in train
+    assert "--depth=26 --device-batch-size=16 --total-batch-size=524288" in train and " --fp8 " in train

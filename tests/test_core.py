@@ -1,0 +1,250 @@
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from conftest import CORE_MINI
+from pipeline import bundle, core, core_tasks, plan, store
+from pipeline.core_tasks import Task
+from pipeline.store import StageError
+
+
+def encode(text):  # one token per character: spans can be read off the strings
+    return [ord(c) for c in text]
+
+
+BOS = 0
+
+
+def task(kind, shots=0, delimiter=" ", path=None):
+    return Task("t", kind, path, shots, delimiter, 25.0)
+
+
+class Prefers:
+    """A stub model: every position predicts the character `favourite` with high confidence."""
+
+    def __init__(self, favourite, vocab=256):
+        self.favourite, self.vocab = ord(favourite), vocab
+
+    def __call__(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        logits[..., self.favourite] = 10.0
+        return logits
+
+
+def decide(model, kind, item, shots=(), delimiter=" "):
+    example = core_tasks.tokenize(task(kind, delimiter=delimiter), item, list(shots), encode, BOS, 10_000)
+    return core.Scorer(model, BOS, torch.device("cpu"), 10_000).correct([example])[0]
+
+
+def test_rendering_matches_nanochat():
+    shot = {"query": "S", "choices": ["wrong", "right"], "gold": 1}
+    assert core_tasks.render(task("multiple_choice", delimiter="\nAnswer: "), {"query": "Q1", "choices": ["a", "b"]},
+                             [shot]) == ["S\nAnswer: right\n\nQ1\nAnswer: a", "S\nAnswer: right\n\nQ1\nAnswer: b"]
+    s_shot = {"context_options": ["c0", "c1"], "continuation": "cont", "gold": 0}
+    assert core_tasks.render(task("schema"), {"context_options": ["A because X", "B"], "continuation": "z."},
+                             [s_shot]) == ["c0 cont\n\nA because X z.", "c0 cont\n\nB z."]
+    lm_shot = {"context": "  padded ctx ", "continuation": "yes"}
+    assert core_tasks.render(task("language_modeling", delimiter="\nA: "),
+                             {"context": "Q: two plus two", "continuation": " four"}, [lm_shot]) == \
+        ["padded ctx\nA: yes\n\nQ: two plus two\nA:", "padded ctx\nA: yes\n\nQ: two plus two\nA:  four"]
+
+
+def test_spans_cover_only_what_differs():
+    mc = core_tasks.tokenize(task("multiple_choice"), {"query": "Q", "choices": ["cat", "cow"], "gold": 0}, [],
+                             encode, BOS, 100)
+    assert mc.spans == [(4, 6), (4, 6)]          # "Q c" is shared: only "at" / "ow" are scored
+    schema = core_tasks.tokenize(task("schema"), {"context_options": ["ab", "xyz"], "continuation": "end",
+                                                  "gold": 1}, [], encode, BOS, 100)
+    assert [r[s:e] for r, (s, e) in zip(schema.rows, schema.spans, strict=True)] == [encode(" end")] * 2
+    lm = core_tasks.tokenize(task("language_modeling"), {"context": "ctx ", "continuation": "go"}, [], encode, BOS,
+                             100)
+    (s, e), row = lm.spans[0], lm.rows[0]
+    assert row[0] == BOS and row[s:e] == encode(" go")  # the delimiter's space joins the continuation
+
+
+def test_multiple_choice_picks_the_lowest_mean_loss():
+    item = {"query": "Q", "choices": ["xx", "aa", "ab"], "gold": 1}
+    assert decide(Prefers("a"), "multiple_choice", item)
+    assert not decide(Prefers("x"), "multiple_choice", item)
+    # mean, not sum: "aaaa" (all favoured) beats "a" only because every token is favoured
+    assert decide(Prefers("a"), "multiple_choice", {"query": "Q", "choices": ["ab", "aaaa"], "gold": 1})
+
+
+def test_schema_scores_the_shared_continuation():
+    item = {"context_options": ["one", "two"], "continuation": "zz", "gold": 0}
+    # the stub ignores context, so both options score alike and the first minimum wins: gold 0
+    assert decide(Prefers("z"), "schema", item)
+    assert not decide(Prefers("z"), "schema", {**item, "gold": 1})
+
+
+def test_language_modeling_needs_every_token_greedy():
+    assert decide(Prefers("a"), "language_modeling", {"context": "c", "continuation": "aaa"}, delimiter="a")
+    assert not decide(Prefers("a"), "language_modeling", {"context": "c", "continuation": "aab"}, delimiter="a")
+
+
+def test_fewshot_never_includes_the_item_and_is_seeded():
+    items = [{"query": str(i)} for i in range(12)]
+    for idx in range(12):
+        shots = core_tasks.fewshot(items, idx, 10)
+        assert items[idx] not in shots and len(shots) == 10
+        assert shots == core_tasks.fewshot(items, idx, 10)
+    assert core_tasks.fewshot(items, 0, 10) != core_tasks.fewshot(items, 1, 10)
+    with pytest.raises(StageError, match="10-shot needs at least 11 items"):
+        core_tasks.fewshot(items[:5], 0, 10)
+
+
+def test_long_prompts_lose_tokens_on_the_left():
+    ex = core_tasks.tokenize(task("language_modeling"), {"context": "x" * 50, "continuation": "yy"}, [], encode, BOS,
+                             max_len=10)
+    row, (s, e) = ex.rows[0], ex.spans[0]
+    assert len(row) == 10 and row[-2:] == encode("yy") and row[s:e] == encode(" yy")
+    tiny = core_tasks.tokenize(task("language_modeling"), {"context": "c", "continuation": "abcdef"}, [], encode, BOS,
+                               max_len=4)
+    assert tiny.spans[0][0] == 1  # the span keeps a token before it to be scored from
+
+
+def test_centered_accuracy():
+    assert core_tasks.centered(0.25, 25) == 0.0
+    assert core_tasks.centered(1.0, 25) == 1.0
+    assert core_tasks.centered(0.5, 62) == pytest.approx((0.5 - 0.62) / 0.38)
+
+
+@pytest.fixture
+def mini(tmp_path):
+    dest = tmp_path / "bundle"
+    shutil.copytree(CORE_MINI, dest)
+    return dest
+
+
+def test_the_mini_bundle_has_18_of_22_tasks(mini):
+    tasks = core_tasks.load_tasks(mini)
+    assert len(tasks) == 22
+    missing = sorted(t.label for t in tasks if not t.path.is_file())
+    assert missing == ["coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
+    boolq = next(t for t in tasks if t.label == "boolq")
+    assert (boolq.type, boolq.num_fewshot, boolq.delimiter, boolq.random_baseline) == \
+        ("multiple_choice", 10, "\nAnswer: ", 62.0)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "choices": ["a"], "gold": 3}', "gold 3 is not an index into its 1 options"),
+    ('{"query": "q", "choices": ["a", "b"]', "not valid JSON"),
+    ('{"query": "q", "gold": 0}', "a multiple_choice item needs choices"),
+])
+def test_bad_task_lines_name_the_file_and_line(mini, line, message):
+    path = mini / "eval_data" / "world_knowledge" / "arc_easy.jsonl"
+    path.write_text(path.read_text() + line + "\n")
+    arc = next(t for t in core_tasks.load_tasks(mini) if t.label == "arc_easy")
+    with pytest.raises(StageError, match=f"arc_easy.jsonl:41: {message}"):
+        core_tasks.load_items(arc)
+
+
+def test_unknown_task_type_names_core_yaml(mini):
+    text = (mini / "core.yaml").read_text().replace("icl_task_type: schema", "icl_task_type: essay", 1)
+    (mini / "core.yaml").write_text(text)
+    with pytest.raises(StageError, match="core.yaml: task 'winograd' has unknown icl_task_type 'essay'"):
+        core_tasks.load_tasks(mini)
+
+
+def scorer_for(smoke_data, batch_tokens):
+    from pipeline import tokenizer
+    enc = tokenizer.load(smoke_data["tokenizer"])
+    torch.manual_seed(0)
+    model = core.GPT(core.GPTConfig(sequence_len=256, vocab_size=enc.n_vocab, n_layer=2, n_head=1, n_embd=128))
+    model.init_weights()
+    for block in model.transformer.h:  # a random but non-trivial model
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
+    torch.nn.init.normal_(model.lm_head.weight, std=0.05)
+    bos = enc.encode_single_token("<|bos|>")
+    return core.Scorer(model.eval(), bos, torch.device("cpu"), batch_tokens), enc, bos
+
+
+def test_a_missing_task_file_is_an_error_unless_allowed(smoke_data, mini):
+    scorer, enc, bos = scorer_for(smoke_data, 4096)
+    tasks = core_tasks.load_tasks(mini)
+    with pytest.raises(StageError, match="hellaswag.jsonl: task file of 'hellaswag_zeroshot' is missing"):
+        core.evaluate_core(scorer, tasks, enc.encode_ordinary, bos, 256, 4, False, log=lambda m: None)
+    result = core.evaluate_core(scorer, tasks, enc.encode_ordinary, bos, 256, 4, True, log=lambda m: None)
+    assert result["partial"] and result["tasks_evaluated"] == 18
+    assert result["core_metric"] == pytest.approx(sum(t["centered"] for t in result["tasks"].values()) / 18)
+    assert core.gpt2_verdict(result) == {"gpt2_core": 0.256525, "comparable_to_gpt2": False, "beats_gpt2": None}
+
+
+def test_batched_scoring_gives_the_same_answers_as_one_item_at_a_time(smoke_data, mini):
+    batched, enc, bos = scorer_for(smoke_data, 1 << 20)
+    single, _, _ = scorer_for(smoke_data, 1)
+    for t in core_tasks.load_tasks(mini):
+        if not t.path.is_file():
+            continue
+        pool = core_tasks.shuffled(core_tasks.load_items(t))[:6]
+        examples = [core_tasks.tokenize(t, it, core_tasks.fewshot(pool, i, min(t.num_fewshot, 3)),
+                                        enc.encode_ordinary, bos, 256) for i, it in enumerate(pool)]
+        assert batched.correct(examples) == single.correct(examples), t.label
+
+
+def make_zip(src, dest):
+    with zipfile.ZipFile(dest, "w") as z:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                z.write(p, "eval_bundle/" + str(p.relative_to(src)))
+    return dest
+
+
+def test_bundle_stage_unpacks_a_zip_and_records_its_sha256(mini, tmp_path):
+    zipped = make_zip(mini, tmp_path / "eval_bundle.zip")
+    spec = plan.make_spec("bundle", {"url": zipped.as_uri()})
+    out = tmp_path / "out"
+    bundle.run(spec, [], out, tmp_path / "work", 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolved"]["sha256"] == store.sha256_file(zipped)
+    assert (out / "core.yaml").is_file() and (out / "eval_data" / "world_knowledge" / "arc_easy.jsonl").is_file()
+    assert store.verify(out) == []
+    wrong = plan.make_spec("bundle", {"url": zipped.as_uri(), "sha256": "0" * 64})
+    wrong["settings"] = {"attempts": 1}
+    with pytest.raises(StageError, match="is not the configured 0000"):
+        bundle.run(wrong, [], tmp_path / "out2", tmp_path / "work2", 1)
+    not_zip = tmp_path / "x.zip"
+    not_zip.write_text("hello")
+    bad = plan.make_spec("bundle", {"url": str(not_zip)})
+    bad["settings"] = {"attempts": 1}
+    with pytest.raises(StageError, match="not a zip file"):
+        bundle.run(bad, [], tmp_path / "out3", tmp_path / "work3", 1)
+
+
+def test_bundle_stage_copies_a_folder_and_leaves_it_alone(mini, tmp_path):
+    spec = plan.make_spec("bundle", {"url": str(mini)})
+    before = sorted(p.name for p in mini.rglob("*"))
+    bundle.run(spec, [], tmp_path / "out", tmp_path / "work", 1)
+    assert sorted(p.name for p in mini.rglob("*")) == before
+    assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["outputs"]) == len(
+        [p for p in mini.rglob("*") if p.is_file()])
+
+
+def test_two_ranks_give_the_same_core_as_one(smoke_data, mini, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    scorer, _, _ = scorer_for(smoke_data, 4096)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(scorer.model.state_dict(), ckpt / "model.pt")
+    store.write_json(ckpt / "model.json", {"config": scorer.model.config.to_dict()})
+    args = ["--checkpoint", str(ckpt), "--tokenizer", str(smoke_data["tokenizer"]), "--bundle", str(mini),
+            "--max-per-task", "6", "--allow-missing-tasks"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "pipeline.core", *args, "--out", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pipeline.core", "--", *args, "--out", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert {k: v["correct"] for k, v in a["tasks"].items()} == {k: v["correct"] for k, v in b["tasks"].items()}
+    assert a["core_metric"] == pytest.approx(b["core_metric"])
+    assert a["missing_tasks"] == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
