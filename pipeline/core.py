@@ -79,7 +79,9 @@ class Scorer:
         ids = ids.to(self.device)
         with self.autocast():
             logits = self.model(ids).float()
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").tolist()
+        B, T, V = logits.shape
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
+        losses = losses.view(B, T - 1).tolist()
         predictions = logits.argmax(-1).tolist()
         at = 0
         for i in batch:
