@@ -32,7 +32,13 @@ def _schema_messages(cfg, sch):
     for err in sorted(jsonschema.Draft202012Validator(sch).iter_errors(cfg), key=lambda e: list(e.path)):
         # oneOf/not failures say little by themselves; the field's description says what is expected
         hint = err.schema.get("description") or err.parent and err.parent.schema.get("description")
-        text = err.message if err.validator not in ("oneOf", "not") else f"{err.instance!r} is not allowed"
+        if err.validator == "oneOf" and isinstance(err.instance, dict):  # say what each form lacks
+            text = " or ".join(dict.fromkeys(sub.message for sub in err.context if sub.validator == "required")) \
+                or "mixes the fields of two kinds of row"
+        elif err.validator in ("oneOf", "not"):
+            text = f"{err.instance!r:.60} is not allowed"
+        else:
+            text = err.message
         messages.append(f"{_where(err.absolute_path)}: {text}" + (f" ({hint})" if hint else ""))
     return messages
 
@@ -70,6 +76,13 @@ def _cross_messages(cfg):
                        f"{tok['dataset']!r}, which has {ds['val_shard']} train shards")
     for name, row in cfg["rows"].items():
         where = f"rows.{name}"
+        bundle = row.get("core", {}).get("bundle")
+        if bundle is not None and bundle not in bundles:
+            out.append(f"{where}.core.bundle: unknown CORE bundle {bundle!r} ({known('core_bundles', bundles)})")
+        if "hf_model" in row:
+            if bundle is None:
+                out.append(f"{where}.core.bundle: a hf_model row is only evaluated, so it needs a CORE bundle")
+            continue
         ds = datasets.get(row["dataset"])
         if ds is None:
             out.append(f"{where}.dataset: unknown dataset {row['dataset']!r} ({known('datasets', datasets)})")
@@ -80,9 +93,6 @@ def _cross_messages(cfg):
         if ds is not None and isinstance(shards, int) and shards > ds["val_shard"]:
             out.append(f"{where}.train_shards: {shards} is past the end of dataset {row['dataset']!r}, which has "
                        f"{ds['val_shard']} train shards (0..{ds['val_shard'] - 1}; {ds['val_shard']} validates)")
-        bundle = row.get("core", {}).get("bundle")
-        if bundle is not None and bundle not in bundles:
-            out.append(f"{where}.core.bundle: unknown CORE bundle {bundle!r} ({known('core_bundles', bundles)})")
         out += _batch_messages(where, row)
     return out
 

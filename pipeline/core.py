@@ -169,36 +169,80 @@ def setup_device():
     return setup("")
 
 
+class HFCausalLM(torch.nn.Module):
+    """A HuggingFace causal LM (e.g. openai-community/gpt2-xl, or a local folder) behind the same
+    call as ours: token ids in, logits out; prompts longer than its positions are cropped."""
+
+    def __init__(self, name_or_path, device):
+        super().__init__()
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise StageError("evaluating a HuggingFace model needs transformers: pip install -e '.[hf]'") from e
+        self.model = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
+        config = self.model.config
+        self.sequence_len = getattr(config, "n_positions", None) or config.max_position_embeddings
+
+    def forward(self, ids):
+        return self.model(ids).logits
+
+
+def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None):
+    """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a HF model with
+    its tiktoken tokenizer (GPT-2's: BOS = <|endoftext|>) unless a tokenizer directory is given."""
+    if hf_model:
+        model = HFCausalLM(hf_model, device)
+        if tokenizer_dir:
+            enc = tokenizer.load(tokenizer_dir)
+            return model, enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS), model.sequence_len, None
+        import tiktoken
+        gpt2 = tiktoken.get_encoding("gpt2")
+        return model, gpt2.encode_ordinary, gpt2.eot_token, model.sequence_len, None
+    enc = tokenizer.load(tokenizer_dir)
+    model = load_checkpoint_model(checkpoint, device)
+    return model, enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS), model.config.sequence_len, enc
+
+
 def run(spec, inputs, out, work, threads):
-    """The core stage: inputs are the train, bundle and tokenizer directories, then a train and the
-    validation token-shard block."""
+    """The core stage. Inputs: train, bundle and tokenizer directories, then a train and the validation
+    token-shard block; for a HuggingFace row (`hf_model`), only the bundle."""
     params = spec["params"]
-    train_dir, bundle_dir, tok_dir, train_block, val_block = map(Path, inputs)
     device, rank, _, world = setup_device()
-    enc = tokenizer.load(tok_dir)
-    model = load_checkpoint_model(train_dir, device)
-    bos = enc.encode_single_token(tokenizer.BOS)
-    scorer = Scorer(model, bos, device, spec["settings"].get("batch_tokens", 32768))
+    if "hf_model" in params:
+        (bundle_dir,) = map(Path, inputs)
+        model, encode, bos, max_len, enc = model_source(hf_model=params["hf_model"], device=device)
+    else:
+        train_dir, bundle_dir, tok_dir, train_block, val_block = map(Path, inputs)
+        model, encode, bos, max_len, enc = model_source(checkpoint=train_dir, tokenizer_dir=tok_dir, device=device)
     log = print if rank == 0 else (lambda *a, **k: None)
     started = store.now_iso()
-    result = evaluate_core(scorer, core_tasks.load_tasks(bundle_dir), enc.encode_ordinary, bos,
-                           model.config.sequence_len, params["max_per_task"], params["allow_missing_tasks"], rank,
-                           world, log=lambda m: log(m, file=sys.stderr))
-    bpb = bits_per_byte(model, {"train": train_block, "val": val_block}, tok_dir, params["bpb_tokens"], device,
-                        rank, world)
+    scorer = Scorer(model, bos, device, spec["settings"].get("batch_tokens", 32768))
+    result = evaluate_core(scorer, core_tasks.load_tasks(bundle_dir), encode, bos, max_len, params["max_per_task"],
+                           params["allow_missing_tasks"], rank, world, log=lambda m: log(m, file=sys.stderr))
+    extras = {}
+    if enc is not None:  # our own model: bits per byte on its token shards, and a few samples
+        extras["bpb.json"] = bits_per_byte(model, {"train": train_block, "val": val_block}, tok_dir,
+                                           params["bpb_tokens"], device, rank, world)
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return
+    if enc is not None:
+        extras["samples.json"] = greedy_samples(model, enc, device)
     bundle = store.read_manifest(bundle_dir)
-    result.update(gpt2_verdict(result), checkpoint_key=store.read_manifest(train_dir)["key"],
-                  bundle_key=bundle["key"], bundle_sha256=bundle["resolved"].get("sha256"), world_size=world)
+    if enc is None:
+        source = {"hf_model": params["hf_model"]}
+    else:
+        source = {"checkpoint_key": store.read_manifest(train_dir)["key"]}
+    result.update(gpt2_verdict(result), **source, bundle_key=bundle["key"],
+                  bundle_sha256=bundle["resolved"].get("sha256"), world_size=world)
     work.mkdir(parents=True, exist_ok=True)
     store.write_json(work / "core.json", result)
-    store.write_json(work / "bpb.json", bpb)
-    store.write_json(work / "samples.json", greedy_samples(model, enc, device))
-    store.seal(spec, ["core.json", "bpb.json", "samples.json"], work, out, started_at=started,
-               resolved={"core_metric": result["core_metric"], "partial": result["partial"], **bpb})
+    for name, data in extras.items():
+        store.write_json(work / name, data)
+    store.seal(spec, ["core.json", *extras], work, out, started_at=started,
+               resolved={"core_metric": result["core_metric"], "partial": result["partial"],
+                         **extras.get("bpb.json", {})})
     log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
 
 
@@ -208,14 +252,16 @@ def main(argv=None):
         argv = argv[1:]
     ap = argparse.ArgumentParser(prog="python -m pipeline.core", description=__doc__.splitlines()[0])
     ap.add_argument("--spec", help="the stage spec as JSON (what Snakemake passes)")
-    ap.add_argument("--inputs", nargs="+", help="with --spec: train, bundle, tokenizer, train block, val block")
+    ap.add_argument("--inputs", nargs="+", help="with --spec: the input store directories, in the spec's order")
     ap.add_argument("--out", help="with --spec: the store directory; else the core.json to write")
     ap.add_argument("--work", default="results/work")
     ap.add_argument("--row", help="evaluate this row of the config (its train, bundle and tokenizer)")
     ap.add_argument("--config", default="config/config.yaml")
     ap.add_argument("--checkpoint", help="a train store directory (model.pt, model.json)")
-    ap.add_argument("--tokenizer", help="with --checkpoint: its tokenizer store directory")
-    ap.add_argument("--bundle", help="with --checkpoint: an unpacked eval bundle directory")
+    ap.add_argument("--hf-model", help="instead: a HuggingFace causal LM, e.g. openai-community/gpt2-xl or a folder")
+    ap.add_argument("--tokenizer", help="our tokenizer store directory (needed with --checkpoint; with --hf-model "
+                                        "the default is tiktoken's gpt2)")
+    ap.add_argument("--bundle", help="an unpacked eval bundle directory")
     ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
     ap.add_argument("--allow-missing-tasks", action="store_true")
     ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
@@ -233,19 +279,16 @@ def main(argv=None):
             root = Path(cfg["store_dir"])
             run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
                 store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
-        elif args.checkpoint and args.bundle and args.tokenizer and args.out:
+        elif (args.checkpoint and args.tokenizer or args.hf_model) and args.bundle and args.out:
             device, rank, _, world = setup_device()
-            enc = tokenizer.load(args.tokenizer)
-            model = load_checkpoint_model(args.checkpoint, device)
-            bos = enc.encode_single_token(tokenizer.BOS)
+            model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, args.tokenizer, device)
             result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), core_tasks.load_tasks(args.bundle),
-                                   enc.encode_ordinary, bos, model.config.sequence_len, args.max_per_task,
-                                   args.allow_missing_tasks, rank, world,
+                                   encode, bos, max_len, args.max_per_task, args.allow_missing_tasks, rank, world,
                                    log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
             if rank == 0:
                 store.write_json(args.out, {**result, **gpt2_verdict(result)})
         else:
-            ap.error("give --spec, --row, or --checkpoint with --tokenizer, --bundle and --out")
+            ap.error("give --spec, --row, or --bundle and --out with --checkpoint and --tokenizer, or --hf-model")
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

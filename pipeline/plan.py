@@ -174,12 +174,26 @@ def _row_plan(plan, cfg, name, row, root):
     return keys
 
 
+def _hf_row_plan(plan, cfg, name, row, root):
+    """A published model, evaluated as is: only the bundle and the core stage."""
+    core_cfg = row["core"]
+    bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
+    bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
+                                root=root))
+    core = plan.add(make_spec(
+        "core", {"hf_model": row["hf_model"], **{k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks")}},
+        [ref(bundle)], settings={"row": name, "launch": row["launch"], "device_type": None,
+                                 "batch_tokens": core_cfg["batch_tokens"]}, root=root))
+    return {"bundle": [bundle["key"]], "core": [core["key"]]}
+
+
 def make_plan(cfg, root=PIPELINE_DIR):
     """Pure: the same config and sources always give the same plan. `cfg` must have been through
     pipeline.config.check (it fills the defaults this relies on)."""
     plan = Plan()
     for name, row in cfg["rows"].items():
-        plan.rows[name] = _row_plan(plan, cfg, name, row, root)
+        build = _hf_row_plan if "hf_model" in row else _row_plan
+        plan.rows[name] = build(plan, cfg, name, row, root)
     return plan
 
 

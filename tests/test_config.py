@@ -53,6 +53,9 @@ def test_seed_rows_carry_the_leaderboard_flags(repo_config):
      "not a multiple"),
     (lambda c: c["rows"]["d12"].pop("train"), "rows.d12", "'train' is a required property"),
     (lambda c: c["datasets"]["climbmix"].pop("val_shard"), "datasets.climbmix", "'val_shard' is a required"),
+    (lambda c: c["rows"]["gpt2_xl"].update(dataset="climbmix"), "rows.gpt2_xl", "'train' is a required"),
+    (lambda c: c["rows"]["gpt2_xl"].update(core={"max_per_task": 5}), "rows.gpt2_xl.core.bundle",
+     "needs a CORE bundle"),
 ])
 def test_bad_config_is_refused_naming_row_and_field(repo_config, edit, where, what):
     msg = bad(repo_config, edit)

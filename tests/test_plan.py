@@ -15,7 +15,7 @@ def make(cfg, root=plan.PIPELINE_DIR):
 
 
 def row_keys(p, row):
-    return {stage: p.rows[row][stage] for stage in STAGES}
+    return {stage: p.rows[row].get(stage) for stage in STAGES}
 
 
 def changed_stages(before, after, row):
