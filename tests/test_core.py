@@ -248,3 +248,21 @@ def test_two_ranks_give_the_same_core_as_one(smoke_data, mini, tmp_path):
     assert {k: v["correct"] for k, v in a["tasks"].items()} == {k: v["correct"] for k, v in b["tasks"].items()}
     assert a["core_metric"] == pytest.approx(b["core_metric"])
     assert a["missing_tasks"] == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
+
+
+def test_a_huggingface_gpt2_goes_through_the_same_harness(smoke_data, mini, tmp_path):
+    """A tiny random GPT-2 saved locally (no hub): 64 positions, so most prompts are cropped."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=4096, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny-gpt2")
+    out = tmp_path / "core.json"
+    rc = core.main(["--hf-model", str(tmp_path / "tiny-gpt2"), "--tokenizer", str(smoke_data["tokenizer"]),
+                    "--bundle", str(mini), "--max-per-task", "4", "--allow-missing-tasks", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["tasks_evaluated"] == 18 and result["partial"]
+    assert all(t["items"] == 4 for t in result["tasks"].values())
+    wrapped = core.HFCausalLM(tmp_path / "tiny-gpt2", torch.device("cpu"))
+    assert wrapped.sequence_len == 64
+    assert wrapped(torch.zeros(2, 10, dtype=torch.long)).shape == (2, 10, 4096)
