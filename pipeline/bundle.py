@@ -42,6 +42,24 @@ def _files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def tree_digest(root):
+    """sha256 over every file's relative path and sha256: a folder bundle's fingerprint."""
+    lines = "".join(f"{name}\t{store.sha256_file(Path(root) / name)}\n" for name in _files(Path(root)))
+    return store.sha256_bytes(lines.encode())
+
+
+def unpacked(path, into):
+    """An unpacked bundle folder for `path`: the folder itself, or a zip extracted under `into`."""
+    path = Path(path)
+    if path.is_dir():
+        return _bundle_root(path)
+    if not zipfile.is_zipfile(path):
+        raise StageError(f"{path}: neither an eval bundle folder nor a zip of one")
+    with zipfile.ZipFile(path) as z:
+        z.extractall(into)
+    return _bundle_root(into)
+
+
 def run(spec, inputs, out, work, threads):
     params, settings = spec["params"], spec["settings"]
     url = params["url"]
@@ -50,15 +68,12 @@ def run(spec, inputs, out, work, threads):
     local = download._local_path(url)
     if local is not None and local.is_dir():
         root = _bundle_root(local)
-        resolved = {"source": "folder", "sha256": None}
+        resolved = {"source": "folder", "sha256": tree_digest(root)}
     else:
         info = download.fetch(url, work / "eval_bundle.zip", _verify_zip(params.get("sha256")),
                               attempts=settings.get("attempts", 5), backoff_s=settings.get("backoff_s", 1.0))
-        unpacked = work / "unpacked"
-        shutil.rmtree(unpacked, ignore_errors=True)
-        with zipfile.ZipFile(work / "eval_bundle.zip") as z:
-            z.extractall(unpacked)
-        root = _bundle_root(unpacked)
+        shutil.rmtree(work / "unpacked", ignore_errors=True)
+        root = unpacked(work / "eval_bundle.zip", work / "unpacked")
         resolved = {"source": "zip", "sha256": info["sha256"]}
     files = _files(root)
     resolved["files"] = len(files)

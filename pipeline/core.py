@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import core_tasks, plan, store, tokenizer
+from pipeline import bundle, core_tasks, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
@@ -261,7 +262,7 @@ def main(argv=None):
     ap.add_argument("--hf-model", help="instead: a HuggingFace causal LM, e.g. openai-community/gpt2-xl or a folder")
     ap.add_argument("--tokenizer", help="our tokenizer store directory (needed with --checkpoint; with --hf-model "
                                         "the default is tiktoken's gpt2)")
-    ap.add_argument("--bundle", help="an unpacked eval bundle directory")
+    ap.add_argument("--bundle", help="an eval bundle: its folder or eval_bundle.zip")
     ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
     ap.add_argument("--allow-missing-tasks", action="store_true")
     ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
@@ -282,9 +283,11 @@ def main(argv=None):
         elif (args.checkpoint and args.tokenizer or args.hf_model) and args.bundle and args.out:
             device, rank, _, world = setup_device()
             model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, args.tokenizer, device)
-            result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), core_tasks.load_tasks(args.bundle),
-                                   encode, bos, max_len, args.max_per_task, args.allow_missing_tasks, rank, world,
-                                   log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
+            with tempfile.TemporaryDirectory() as tmp:
+                tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
+                result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
+                                       args.max_per_task, args.allow_missing_tasks, rank, world,
+                                       log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
             if rank == 0:
                 store.write_json(args.out, {**result, **gpt2_verdict(result)})
         else:

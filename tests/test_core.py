@@ -220,6 +220,8 @@ def test_bundle_stage_copies_a_folder_and_leaves_it_alone(mini, tmp_path):
     before = sorted(p.name for p in mini.rglob("*"))
     bundle.run(spec, [], tmp_path / "out", tmp_path / "work", 1)
     assert sorted(p.name for p in mini.rglob("*")) == before
+    digest = json.loads((tmp_path / "out" / "manifest.json").read_text())["resolved"]["sha256"]
+    assert digest == bundle.tree_digest(mini)
     assert len(json.loads((tmp_path / "out" / "manifest.json").read_text())["outputs"]) == len(
         [p for p in mini.rglob("*") if p.is_file()])
 
@@ -257,8 +259,9 @@ def test_a_huggingface_gpt2_goes_through_the_same_harness(smoke_data, mini, tmp_
     config = transformers.GPT2Config(vocab_size=4096, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "tiny-gpt2")
     out = tmp_path / "core.json"
+    zipped = make_zip(mini, tmp_path / "eval_bundle.zip")  # the CLI takes the zip as it is downloaded
     rc = core.main(["--hf-model", str(tmp_path / "tiny-gpt2"), "--tokenizer", str(smoke_data["tokenizer"]),
-                    "--bundle", str(mini), "--max-per-task", "4", "--allow-missing-tasks", "--out", str(out)])
+                    "--bundle", str(zipped), "--max-per-task", "4", "--allow-missing-tasks", "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["tasks_evaluated"] == 18 and result["partial"]
