@@ -43,37 +43,49 @@ def row_specs(cfg, config_path, row, stage):
     return [p.specs[k] for k in p.rows[row].get(stage, [])]
 
 
+def user_errors(main):
+    """Decorate a CLI main: a StageError becomes one `error: ...` line and exit status 2, no traceback."""
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs) or 0
+        except StageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return guarded
+
+
 def run_stage(stage, ap, run, argv=None, specs_from_args=None):
     """Parse, collect the specs, run each; a user error exits 2 with one clear line, no traceback."""
     args = ap.parse_args(argv)
-    try:
-        roots = {"store_dir": DEFAULT_STORE, "work_dir": DEFAULT_WORK}
-        if args.spec:
-            specs = [json.loads(args.spec)]
-        elif args.row:
-            cfg = plan.load_config(args.config)
-            roots.update((k, cfg[k]) for k in roots)
-            specs = row_specs(cfg, args.config, args.row, stage)
-        elif specs_from_args is not None:
-            specs = specs_from_args(args)
-        else:
-            ap.error("give --spec or --row")
-        store_root, work_root = Path(args.store or roots["store_dir"]), Path(args.work or roots["work_dir"])
-        for spec in specs:
-            out = Path(args.out) if args.out and args.spec else store.store_dir(spec, store_root)
-            inputs = args.inputs if args.inputs and args.spec else [store_root / r for r in spec["inputs"]]
-            if len(inputs) != len(spec["inputs"]):
-                raise StageError(f"--inputs gave {len(inputs)} directories; the spec reads {len(spec['inputs'])}")
-            if (out / store.MANIFEST).exists():
-                print(f"{stage} {spec['key']}: up to date ({out})", file=sys.stderr)
-                continue
-            t0 = time.time()
-            for d in inputs:
-                store.read_manifest(d)  # refuse an input whose stage did not finish
-            run(spec, inputs=[Path(d) for d in inputs], out=out, work=store.work_dir(spec, work_root),
-                threads=max(1, args.threads))
-            print(f"{stage} {spec['key']}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _run_specs(stage, ap, run, args, specs_from_args)
+
+
+@user_errors
+def _run_specs(stage, ap, run, args, specs_from_args):
+    roots = {"store_dir": DEFAULT_STORE, "work_dir": DEFAULT_WORK}
+    if args.spec:
+        specs = [json.loads(args.spec)]
+    elif args.row:
+        cfg = plan.load_config(args.config)
+        roots.update((k, cfg[k]) for k in roots)
+        specs = row_specs(cfg, args.config, args.row, stage)
+    elif specs_from_args is not None:
+        specs = specs_from_args(args)
+    else:
+        ap.error("give --spec or --row")
+    store_root, work_root = Path(args.store or roots["store_dir"]), Path(args.work or roots["work_dir"])
+    for spec in specs:
+        out = Path(args.out) if args.out and args.spec else store.store_dir(spec, store_root)
+        inputs = args.inputs if args.inputs and args.spec else [store_root / r for r in spec["inputs"]]
+        if len(inputs) != len(spec["inputs"]):
+            raise StageError(f"--inputs gave {len(inputs)} directories; the spec reads {len(spec['inputs'])}")
+        if (out / store.MANIFEST).exists():
+            print(f"{stage} {spec['key']}: up to date ({out})", file=sys.stderr)
+            continue
+        t0 = time.time()
+        for d in inputs:
+            store.read_manifest(d)  # refuse an input whose stage did not finish
+        run(spec, inputs=[Path(d) for d in inputs], out=out, work=store.work_dir(spec, work_root),
+            threads=max(1, args.threads))
+        print(f"{stage} {spec['key']}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
     return 0

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import bundle, core_tasks, plan, store, tokenizer
+from pipeline import bundle, cli, core_tasks, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
@@ -247,6 +247,7 @@ def run(spec, inputs, out, work, threads):
     log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
 
 
+@cli.user_errors
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:
@@ -267,34 +268,30 @@ def main(argv=None):
     ap.add_argument("--allow-missing-tasks", action="store_true")
     ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
     args = ap.parse_args(argv)
-    try:
-        if args.spec:
-            spec = json.loads(args.spec)
-            run(spec, args.inputs, Path(args.out), store.work_dir(spec, args.work), os.cpu_count())
-        elif args.row:
-            cfg = plan.load_config(args.config)
-            p = plan.make_plan(cfg)
-            if args.row not in p.rows or "core" not in p.rows[args.row]:
-                raise StageError(f"{args.config}: no row {args.row!r} with a core bundle")
-            spec = p.specs[p.rows[args.row]["core"][0]]
-            root = Path(cfg["store_dir"])
-            run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
-                store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
-        elif (args.checkpoint and args.tokenizer or args.hf_model) and args.bundle and args.out:
-            device, rank, _, world = setup_device()
-            model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, args.tokenizer, device)
-            with tempfile.TemporaryDirectory() as tmp:
-                tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
-                result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
-                                       args.max_per_task, args.allow_missing_tasks, rank, world,
-                                       log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
-            if rank == 0:
-                store.write_json(args.out, {**result, **gpt2_verdict(result)})
-        else:
-            ap.error("give --spec, --row, or --bundle and --out with --checkpoint and --tokenizer, or --hf-model")
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.spec:
+        spec = json.loads(args.spec)
+        run(spec, args.inputs, Path(args.out), store.work_dir(spec, args.work), os.cpu_count())
+    elif args.row:
+        cfg = plan.load_config(args.config)
+        p = plan.make_plan(cfg)
+        if args.row not in p.rows or "core" not in p.rows[args.row]:
+            raise StageError(f"{args.config}: no row {args.row!r} with a core bundle")
+        spec = p.specs[p.rows[args.row]["core"][0]]
+        root = Path(cfg["store_dir"])
+        run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
+            store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
+    elif (args.checkpoint and args.tokenizer or args.hf_model) and args.bundle and args.out:
+        device, rank, _, world = setup_device()
+        model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, args.tokenizer, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
+            result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
+                                   args.max_per_task, args.allow_missing_tasks, rank, world,
+                                   log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
+        if rank == 0:
+            store.write_json(args.out, {**result, **gpt2_verdict(result)})
+    else:
+        ap.error("give --spec, --row, or --bundle and --out with --checkpoint and --tokenizer, or --hf-model")
     return 0
 
 

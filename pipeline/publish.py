@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import store
+from pipeline import cli, store
 from pipeline.store import StageError
 
 
@@ -44,6 +44,7 @@ def copy_checked(src, out):
     store.atomic_write(out, data)
 
 
+@cli.user_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.publish", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -56,15 +57,10 @@ def main(argv=None):
     cp.add_argument("src")
     cp.add_argument("out")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "copy":
-            copy_checked(args.src, args.out)
-        else:
-            store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    if args.cmd == "copy":
+        copy_checked(args.src, args.out)
+    else:
+        store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
 
 
 if __name__ == "__main__":

@@ -542,36 +542,33 @@ def check_flags_match_spec(args, spec):
                              "flags of the spec (`python -m pipeline.plan spec <key>` prints it)")
 
 
+@cli.user_errors
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.spec:
-            spec = json.loads(args.spec)
-            check_flags_match_spec(args, spec)
-            if not (args.inputs and args.out and args.work):
-                raise StageError("--spec needs --inputs, --out and --work")
-            inputs, out, work = args.inputs, args.out, Path(args.work)
-        elif args.row:
-            cfg, spec = spec_for_row(args.config, args.row)
-            store_root = Path(args.store or cfg["store_dir"])
-            inputs = [store_root / r for r in spec["inputs"]]
-            out = store.store_dir(spec, store_root)
-            work = Path(args.work or cfg["work_dir"])
-            if (out / store.MANIFEST).exists():
-                print(f"train {spec['key']}: up to date ({out})", file=sys.stderr)
-                return 0
-            names = {k: spec["settings"][k] for k in ("run", "model_tag") if k in spec["settings"]}
-            args = parse_args(launch.flag_args(spec["params"], names))
-        else:
-            raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
-                             "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "
-                             "Snakemake passes it")
-        for d in inputs:
-            store.read_manifest(d)
-        Trainer(args, spec, inputs, out, store.work_dir(spec, work)).run()
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.spec:
+        spec = json.loads(args.spec)
+        check_flags_match_spec(args, spec)
+        if not (args.inputs and args.out and args.work):
+            raise StageError("--spec needs --inputs, --out and --work")
+        inputs, out, work = args.inputs, args.out, Path(args.work)
+    elif args.row:
+        cfg, spec = spec_for_row(args.config, args.row)
+        store_root = Path(args.store or cfg["store_dir"])
+        inputs = [store_root / r for r in spec["inputs"]]
+        out = store.store_dir(spec, store_root)
+        work = Path(args.work or cfg["work_dir"])
+        if (out / store.MANIFEST).exists():
+            print(f"train {spec['key']}: up to date ({out})", file=sys.stderr)
+            return 0
+        names = {k: spec["settings"][k] for k in ("run", "model_tag") if k in spec["settings"]}
+        args = parse_args(launch.flag_args(spec["params"], names))
+    else:
+        raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
+                         "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "
+                         "Snakemake passes it")
+    for d in inputs:
+        store.read_manifest(d)
+    Trainer(args, spec, inputs, out, store.work_dir(spec, work)).run()
     return 0
 
 

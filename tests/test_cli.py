@@ -24,5 +24,5 @@ def test_a_bad_row_name_is_one_clear_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline.tokenizer", "--row", "nope", "--store", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: config/config.yaml: no row named 'nope' (rows: d24_jan29, d26_fp8, " \
-                                 "d26_fp8_1M, d24_climbmix, d12, smoke)"
+    assert out.stderr.strip() == "error: config/config.yaml: no row named 'nope' (rows: gpt2_xl, d24_jan29, " \
+                                 "d26_fp8, d26_fp8_1M, d24_climbmix, d12, smoke)"

@@ -19,10 +19,27 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
+def snakemake_cmd(workdir, *args, config="config.yaml"):
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(Path(workdir) / config), "--cores", "2", *args]
+
+
 def snakemake(workdir, *args, config="config.yaml"):
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(Path(workdir) / config), "--cores", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    return subprocess.run(snakemake_cmd(workdir, *args, config=config), capture_output=True, text=True, timeout=600,
+                          env=ENV)
+
+
+def kill_snakemake_once(workdir, target, started, timeout):
+    """Start Snakemake on `target`, SIGKILL it and its jobs as soon as `started()` holds, then unlock."""
+    proc = subprocess.Popen(snakemake_cmd(workdir, target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=ENV)
+    deadline = time.time() + timeout
+    while not started() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert snakemake(workdir, "--unlock").returncode == 0
 
 
 def write_config(workdir, cfg, name="config.yaml"):
@@ -121,17 +138,9 @@ def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
     write_config(tmp_path, cfg)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "results/smoke/token_shards.json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=ENV)
-    deadline = time.time() + 120
-    while not list((tmp_path / "results" / "logs" / "tokenizer").glob("*.log")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_snakemake_once(tmp_path, "results/smoke/token_shards.json",
+                        lambda: list(tmp_path.glob("results/logs/tokenizer/*.log")), timeout=120)
     assert not (tmp_path / "results" / "smoke" / "token_shards.json").exists()
-    assert snakemake(tmp_path, "--unlock").returncode == 0
     rerun = snakemake(tmp_path, "results/smoke/token_shards.json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "Using workflow specific profile" in rerun.stdout + rerun.stderr
@@ -150,18 +159,9 @@ def test_training_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path
     cfg = json.loads(json.dumps(smoke_run["cfg"]))
     cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
     write_config(tmp_path, cfg)
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "results/smoke/train_summary.json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=ENV)
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("results/work/train/*/checkpoints/step_000010")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_snakemake_once(tmp_path, "results/smoke/train_summary.json",
+                        lambda: list(tmp_path.glob("results/work/train/*/checkpoints/step_000010")), timeout=300)
     assert not list(tmp_path.glob("results/store/train/*/manifest.json"))
-    assert snakemake(tmp_path, "--unlock").returncode == 0
     rerun = snakemake(tmp_path, "results/smoke/train_summary.json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     (log,) = tmp_path.glob("results/logs/train/*.log")
