@@ -19,13 +19,15 @@ include: "workflow/rules/tokenizer.smk"
 include: "workflow/rules/pretokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/core.smk"
+include: "workflow/rules/report.smk"
 
 
 localrules:
     all,
     token_shards,
     train_summary,
-    core_json,
+    publish_row,
+    report,
 
 
 rule all:
@@ -33,3 +35,4 @@ rule all:
         "results/smoke/token_shards.json",
         "results/smoke/train_summary.json",
         "results/smoke/core.json",
+        "reports/leaderboard.md",

@@ -37,6 +37,7 @@ STAGE_SOURCES = {
     "bundle": ("bundle.py",),
     "core": ("core.py", "core_tasks.py"),
 }
+STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
 # Flags that only name things; renaming a run must not retrain it.
 TRAIN_NAME_FLAGS = ("run", "model_tag")
 # nanochat dev/LOG.md: best-fit packing crops ~35% of tokens at T=2048, so shards are sized up by 1/0.65.

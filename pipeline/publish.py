@@ -2,6 +2,7 @@
 
     python -m pipeline.publish token-shards --row smoke --tokenizer DIR --blocks DIR... --out FILE
     python -m pipeline.publish copy STORE_FILE OUT      # a store file, copied (never linked) and checked
+    python -m pipeline.publish row --row NAME --out DIR STAGE=DIR...   # core.json + the chain's manifest
 """
 
 import argparse
@@ -44,6 +45,21 @@ def copy_checked(src, out):
     store.atomic_write(out, data)
 
 
+def row_manifest(row, stage_dirs, command):
+    """results/<row>/manifest.json: every stage manifest of the row, after checking each store
+    directory against its own manifest, and the one command that reruns the row."""
+    chain = {}
+    for stage, dirs in stage_dirs.items():
+        manifests = []
+        for d in dirs:
+            problems = store.verify(d)
+            if problems:
+                raise StageError(f"row {row}: {d} does not verify: {problems[0]}")
+            manifests.append(store.read_manifest(d))
+        chain[stage] = manifests[0] if len(manifests) == 1 else manifests
+    return {"row": row, "command": command, "chain": chain}
+
+
 @cli.user_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.publish", description=__doc__.splitlines()[0])
@@ -56,9 +72,21 @@ def main(argv=None):
     cp = sub.add_parser("copy", help="copy one file of a store directory out, after checking its sha256")
     cp.add_argument("src")
     cp.add_argument("out")
+    rw = sub.add_parser("row", help="results/<row>/core.json and manifest.json (the chain) from the store")
+    rw.add_argument("--row", required=True)
+    rw.add_argument("--out", required=True, help="results/<row>")
+    rw.add_argument("--command", required=True, help="the command that reruns the row")
+    rw.add_argument("stages", nargs="+", help="STAGE=DIR, one per store directory, in chain order")
     args = ap.parse_args(argv)
     if args.cmd == "copy":
         copy_checked(args.src, args.out)
+    elif args.cmd == "row":
+        stage_dirs = {}
+        for item in args.stages:
+            stage, _, d = item.partition("=")
+            stage_dirs.setdefault(stage, []).append(d)
+        copy_checked(Path(stage_dirs["core"][0]) / "core.json", Path(args.out) / "core.json")
+        store.write_json(Path(args.out) / "manifest.json", row_manifest(args.row, stage_dirs, args.command))
     else:
         store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
 

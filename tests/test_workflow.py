@@ -55,7 +55,8 @@ def smoke_run(tmp_path_factory):
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         cfg["datasets"]["webtext"]["base_url"] = server.url
         write_config(work, cfg)
-        targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json", "results/smoke/core.json")
+        targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json", "results/smoke/core.json",
+                   "reports/leaderboard.md")
         first = snakemake(work, *targets)
         second = snakemake(work, *targets)
         requested = sorted(name for name, _ in server.requests)
@@ -83,11 +84,21 @@ def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
     assert core["tasks_evaluated"] == 18 and core["partial"] and not core["comparable_to_gpt2"]
     assert core["missing_tasks"] == ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
     assert all(t["items"] == 8 for t in core["tasks"].values())
+    chain = json.loads((work / "results" / "smoke" / "manifest.json").read_text())["chain"]
+    assert set(chain) == {"download", "tokenizer", "pretokenize", "train", "bundle", "core"}
+    board = (work / "reports" / "leaderboard.md").read_text()
+    assert re.search(r"^\| smoke \| 0\.00 \| 3\.\d+ \| -?0\.\d+ \(partial: 18 tasks\) \|", board, re.M)
+    assert "| d26_fp8 |" not in board and "| 2 (ours) | not run |" in board
 
 
 def test_second_run_does_nothing(smoke_run):
-    assert smoke_run["second"].returncode == 0
-    assert "Nothing to be done" in smoke_run["second"].stdout + smoke_run["second"].stderr
+    """No stage runs again. Only the report may be rebuilt once: in the first run its input list (the
+    result files present when the DAG was built) was still empty."""
+    out = smoke_run["second"]
+    assert out.returncode == 0
+    assert set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M)) <= {"report", "all"}
+    third = snakemake(smoke_run["dir"], "results/smoke/core.json", "reports/leaderboard.md")
+    assert "Nothing to be done" in third.stdout + third.stderr
 
 
 def test_changing_a_training_flag_leaves_the_data_up_to_date(smoke_run):
@@ -177,7 +188,7 @@ def test_dry_run_of_a_leaderboard_row_plans_the_whole_chain(tmp_path):
     out = snakemake(tmp_path, "-n", "-p", "results/d26_fp8/core.json")
     assert out.returncode == 0, out.stderr[-2000:]
     rules = set(re.findall(r"^(?:local)?rule (\w+):", out.stdout, re.M))
-    assert rules == {"download", "tokenizer", "pretokenize", "train", "bundle", "core", "core_json"}
+    assert rules == {"download", "tokenizer", "pretokenize", "train", "bundle", "core", "publish_row"}
     train = next(line for line in out.stdout.splitlines() if "-m pipeline.train" in line)
     assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- --run=d26-feb2-fp8" in train
     assert "--depth=26 --device-batch-size=16 --total-batch-size=524288" in train and " --fp8 " in train

@@ -42,15 +42,22 @@ rule core:
         "{params.command} > {log} 2>&1"
 
 
-rule core_json:
-    """The row's CORE result, copied out of the store."""
+rule publish_row:
+    """The row's public face: core.json, and manifest.json with every stage manifest of its chain."""
     input:
-        lambda w: store_dirs("core", PLAN.rows[w.row]["core"]),
+        lambda w: [d for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[w.row].get(stage, []))],
     output:
-        "results/{row}/core.json",
+        core="results/{row}/core.json",
+        manifest="results/{row}/manifest.json",
+    params:
+        stages=lambda w: " ".join(
+            f"{stage}={d}" for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[w.row].get(stage, []))
+        ),
+        command=lambda w: f"snakemake --cores all results/{w.row}/core.json",
     log:
-        f"{LOGS}/core_json/{{row}}.log",
+        f"{LOGS}/publish_row/{{row}}.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m pipeline.publish copy {input}/core.json {output} > {log} 2>&1"
+        "python -m pipeline.publish row --row {wildcards.row} --out results/{wildcards.row}"
+        " --command {params.command:q} {params.stages} > {log} 2>&1"

@@ -24,14 +24,16 @@ rule train:
 
 
 rule train_summary:
-    """The row's training summary, copied out of the store."""
+    """The row's training summary and per-step metrics, copied out of the store."""
     input:
         lambda w: store_dirs("train", PLAN.rows[w.row]["train"]),
     output:
-        "results/{row}/train_summary.json",
+        summary="results/{row}/train_summary.json",
+        metrics="results/{row}/metrics.jsonl",
     log:
         f"{LOGS}/train_summary/{{row}}.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m pipeline.publish copy {input}/train_summary.json {output} > {log} 2>&1"
+        "(python -m pipeline.publish copy {input}/train_summary.json {output.summary} &&"
+        " python -m pipeline.publish copy {input}/metrics.jsonl {output.metrics}) > {log} 2>&1"

@@ -1,0 +1,288 @@
+"""report: the leaderboard, regenerated from the rows' artifacts and config/reference.yaml.
+
+    python -m pipeline.report build --config config/config.yaml --out reports
+        reports/leaderboard.md    the leaderboard page's table, reproduced rows beside published ones,
+                                  then one line of details per reproduced row
+        reports/leaderboard.csv   the same rows, machine-readable
+        reports/leaderboard.html  one self-contained page: tables and figures inline
+        reports/figures/*.png
+
+A row is read from results/<row>/ (core.json, train_summary.json, metrics.jsonl, manifest.json);
+nothing is retrained. A row without them is listed as "not run". A partial CORE (tasks missing, or
+items capped) is shown as such and never counted as beating GPT-2.
+"""
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline import cli, config, store  # noqa: E402
+from pipeline.store import StageError  # noqa: E402
+
+COLUMNS = ["#", "time", "val_bpb", "CORE", "Description", "Date", "Commit", "Contributors"]
+
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_row(results, name, row_cfg):
+    """What results/<name>/ holds, or a 'not run' row."""
+    d = Path(results) / name
+    core = _read_json(d / "core.json")
+    summary = _read_json(d / "train_summary.json")
+    manifest = _read_json(d / "manifest.json")
+    metrics = []
+    if (d / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    status = "reproduced" if core else ("trained" if summary else "not run")
+    return {"row": name, "description": row_cfg.get("description", name), "reference": row_cfg.get("reference"),
+            "hf_model": row_cfg.get("hf_model"), "status": status, "core": core, "summary": summary,
+            "manifest": manifest, "metrics": metrics}
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _core_text(core):
+    if core is None:
+        return "-"
+    text = f"{core['core_metric']:.4f}"
+    if core.get("partial"):
+        return f"{text} (partial: {core['tasks_evaluated']} tasks)"
+    if not core.get("comparable_to_gpt2"):
+        return f"{text} (capped at {core['max_per_task']} items)"
+    return text
+
+
+def _commit(manifest):
+    git = (manifest or {}).get("chain", {}).get("train", {}).get("git") or {}
+    if not git.get("commit"):
+        return "-"
+    return git["commit"][:7] + ("-dirty" if git.get("dirty") else "")
+
+
+def _date(manifest):
+    finished = ((manifest or {}).get("chain", {}).get("core") or {}).get("finished_at")
+    return finished[:10] if finished else "-"
+
+
+def ours_line(r):
+    s, c = r["summary"], r["core"]
+    number = f"{r['reference']} (ours)" if r["reference"] is not None else r["row"]
+    if r["status"] == "not run":
+        return [number, "not run", "-", "-", r["description"], "-", "-", f"row `{r['row']}`"]
+    hours = f"{s['total_training_time'] / 3600:.2f}" if s else "-"
+    bpb = _fmt(s.get("min_val_bpb") if s else None, ".5f")
+    return [number, hours, bpb, _core_text(c), r["description"], _date(r["manifest"]), _commit(r["manifest"]),
+            f"row `{r['row']}`"]
+
+
+def published_line(ref):
+    hours = f"{ref['time_hours']} hours" if ref["number"] == 0 else f"{ref['time_hours']:.2f}"
+    return [str(ref["number"]), hours, _fmt(ref.get("val_bpb"), ".5f"), f"{ref['core']:.4f}", ref["description"],
+            ref["date"], ref.get("commit") or "-", " ".join(ref["contributors"])]
+
+
+def leaderboard(rows, reference):
+    """The page's table: each published row, then its reproductions; then rows with no reference."""
+    lines = []
+    for ref in reference["rows"]:
+        lines.append(published_line(ref))
+        lines += [ours_line(r) for r in rows if r["reference"] == ref["number"]]
+    lines += [ours_line(r) for r in rows if r["reference"] is None]
+    return pd.DataFrame(lines, columns=COLUMNS)
+
+
+def details(rows, gpt2_core, gpu_hour_usd):
+    """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
+    out = []
+    for r in rows:
+        if r["status"] == "not run":
+            continue
+        s, c, m = r["summary"] or {}, r["core"], r["manifest"] or {}
+        gpus = s.get("world_size", 0) if str(s.get("device", "cpu")).lower() != "cpu" else 0
+        hours = s.get("total_training_time", 0) / 3600 if s else None
+        if c is None:
+            verdict = "no CORE yet"
+        elif c.get("comparable_to_gpt2"):
+            verdict = "yes" if c["core_metric"] > gpt2_core else "no"
+        else:
+            verdict = "not comparable (partial)"
+        out.append({
+            "row": r["row"], "train_key": (m.get("chain", {}).get("train") or {}).get("key"),
+            "core_key": (m.get("chain", {}).get("core") or {}).get("key"),
+            "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
+            "total_training_time_s": s.get("total_training_time"), "total_training_time_h": hours,
+            "total_training_flops": s.get("total_training_flops"), "steps": s.get("step"),
+            "core_metric": c["core_metric"] if c else None, "beats_gpt2": verdict,
+            "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
+            "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
+        })
+    return pd.DataFrame(out)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _curves(r):
+    """(hours, flops, val_bpb) at every evaluation of the row's training run."""
+    steps = {m["step"]: m for m in r["metrics"] if "loss" in m}
+    resolved = ((r["manifest"] or {}).get("chain", {}).get("train") or {}).get("resolved", {})
+    per_step = resolved.get("flops_per_token", 0) * resolved.get("total_batch_size", 0)
+    pts = [(steps[m["step"]]["total_training_time"] / 3600 if m["step"] in steps else 0.0, per_step * m["step"],
+            m["val_bpb"]) for m in r["metrics"] if "val_bpb" in m]
+    return list(zip(*pts, strict=True)) if pts else ([], [], [])
+
+
+def figures(rows, reference, per_task_row, out):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    made = {}
+    trained = [r for r in rows if r["metrics"]]
+    for name, axis, label in (("val_bpb_vs_time", 0, "training time (hours)"),
+                              ("val_bpb_vs_flops", 1, "training FLOPs")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in trained:
+            curve = _curves(r)
+            ax.plot(curve[axis], curve[2], marker="o", ms=3, label=r["row"])
+        if axis == 1:
+            ax.set_xscale("log")
+        ax.set(xlabel=label, ylabel="val bpb", title=f"Validation bits per byte vs {label.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+        if trained:
+            ax.legend(fontsize=8)
+        made[name] = _save(fig, out / f"{name}.png")
+    scored = [r for r in rows if r["core"]]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    names = [f"#{ref['number']}" for ref in reference["rows"]] + [r["row"] for r in scored]
+    values = [ref["core"] for ref in reference["rows"]] + [r["core"]["core_metric"] for r in scored]
+    colours = ["#bbbbbb"] * len(reference["rows"]) + ["#ff9f1c" if r["core"]["partial"] else "#2e86ab"
+                                                       for r in scored]
+    ax.bar(names, values, color=colours)
+    ax.axhline(reference["gpt2_core"], color="#c0392b", ls="--", label=f"GPT-2 {reference['gpt2_core']}")
+    ax.set(ylabel="CORE", title="CORE per row (grey: published; orange: partial)")
+    ax.tick_params(axis="x", rotation=45, labelsize=8)
+    ax.legend(fontsize=8)
+    made["core_per_row"] = _save(fig, out / "core_per_row.png")
+    chosen = next((r for r in scored if r["row"] == per_task_row), scored[0] if scored else None)
+    if chosen is not None:
+        tasks = chosen["core"]["tasks"]
+        labels = list(tasks)
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [tasks[t]["centered"] for t in labels], width=0.4, label=chosen["row"])
+        gpt2 = reference.get("gpt2_xl_centered", {})
+        ax.bar([x + 0.2 for x in xs], [gpt2.get(t, 0) for t in labels], width=0.4, color="#c0392b", alpha=0.6,
+               label="GPT-2 XL (published tasks only)")
+        ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
+        ax.set(ylabel="centered accuracy", title=f"CORE per task: {chosen['row']}")
+        ax.legend(fontsize=8)
+        made["per_task"] = _save(fig, out / "per_task.png")
+    series = [r for r in scored if r["summary"]]
+    if len({(r["manifest"] or {}).get("chain", {}).get("train", {}).get("params", {}).get("depth")
+            for r in series}) >= 2:  # a miniseries: several depths
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+        for r in series:
+            flops = r["summary"]["total_training_flops"]
+            a.scatter(flops, r["core"]["core_metric"])
+            b.scatter(flops, r["summary"]["min_val_bpb"])
+            a.annotate(r["row"], (flops, r["core"]["core_metric"]), fontsize=7)
+        for axis, name in ((a, "CORE"), (b, "val bpb")):
+            axis.set(xscale="log", xlabel="training FLOPs", ylabel=name)
+        made["scaling"] = _save(fig, out / "scaling.png")
+    return made
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def to_markdown(board, table):
+    def md(df):
+        head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+        return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
+                              for row in df.itertuples(index=False))
+    shown = table.copy()
+    for col, spec in (("total_training_time_s", ".0f"), ("total_training_time_h", ".2f"),
+                      ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("cost_usd", ".2f")):
+        if col in shown:
+            shown[col] = [None if pd.isna(v) else format(v, spec) for v in shown[col]]
+    if "command" in shown:
+        shown["command"] = [f"`{c}`" for c in shown["command"]]
+    return ("# Time to GPT-2: the leaderboard, regenerated\n\n"
+            "Published rows (numbers) beside this pipeline's reproductions (`ours`). Time is "
+            "`total_training_time` in hours; CORE must exceed GPT-2's 0.256525.\n\n" + md(board)
+            + "\n## Reproduced rows\n\n" + (md(shown) if len(shown) else "None yet.\n"))
+
+
+def to_html(board, table, made):
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ddd;"
+             "padding:4px 8px;text-align:left}th{background:#f4f6f8}tr:nth-child(even){background:#fafafa}"
+             "img{max-width:100%;margin:0.5em 0}code{font-size:12px}")
+    images = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' "
+                     f"src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}'>"
+                     for name, p in made.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Time to GPT-2</title><style>{style}</style>"
+            f"</head><body><h1>Time to GPT-2: the leaderboard, regenerated</h1>"
+            f"<p>Published rows beside this pipeline's reproductions. CORE must exceed GPT-2's 0.256525.</p>"
+            f"{board.to_html(index=False, escape=True)}<h2>Reproduced rows</h2>"
+            f"{table.to_html(index=False, escape=True, na_rep='-') if len(table) else '<p>None yet.</p>'}"
+            f"<h2>Figures</h2>{images}</body></html>")
+
+
+def build(cfg, reference, results, out):
+    rows = [load_row(results, name, row) for name, row in cfg["rows"].items()]
+    board = leaderboard(rows, reference)
+    table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"])
+    out = Path(out)
+    made = figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")
+    store.atomic_write(out / "leaderboard.md", to_markdown(board, table))
+    csv = io.StringIO()
+    pd.concat([board.assign(kind="leaderboard"), table.assign(kind="reproduced")]).to_csv(csv, index=False)
+    store.atomic_write(out / "leaderboard.csv", csv.getvalue())
+    store.atomic_write(out / "leaderboard.html", to_html(board, table, made))
+    return rows
+
+
+def load_reference(path):
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise StageError(f"{path}: cannot read the published leaderboard ({e})") from e
+
+
+@cli.user_errors
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="write reports/leaderboard.{md,csv,html} and figures")
+    b.add_argument("--config", default="config/config.yaml")
+    b.add_argument("--reference", default="config/reference.yaml")
+    b.add_argument("--results", default="results")
+    b.add_argument("--out", default="reports")
+    args = ap.parse_args(argv)
+    rows = build(config.load(args.config), load_reference(args.reference), args.results, args.out)
+    print(f"{sum(r['status'] != 'not run' for r in rows)} of {len(rows)} rows have results -> {args.out}",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
