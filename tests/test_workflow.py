@@ -192,3 +192,10 @@ def test_dry_run_of_a_leaderboard_row_plans_the_whole_chain(tmp_path):
     train = next(line for line in out.stdout.splitlines() if "-m pipeline.train" in line)
     assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- --run=d26-feb2-fp8" in train
     assert "--depth=26 --device-batch-size=16 --total-batch-size=524288" in train and " --fp8 " in train
+
+
+def test_snakemake_report_carries_the_leaderboard(smoke_run):
+    out = snakemake(smoke_run["dir"], "--report", "report.html")
+    assert out.returncode == 0, out.stderr[-2000:]
+    page = (smoke_run["dir"] / "report.html").read_text(errors="replace")
+    assert "leaderboard.md" in page and "core_per_row.png" in page
