@@ -155,8 +155,10 @@ def figures(rows, reference, per_task_row, out):
                               ("val_bpb_vs_flops", 1, "training FLOPs")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in trained:
-            curve = _curves(r)
-            ax.plot(curve[axis], curve[2], marker="o", ms=3, label=r["row"])
+            x, y = _curves(r)[axis], _curves(r)[2]
+            if axis == 1:  # a log axis has no room for the evaluation before the first step
+                x, y = zip(*[(a, b) for a, b in zip(x, y, strict=True) if a > 0], strict=True) or ([], [])
+            ax.plot(x, y, marker="o", ms=3, label=r["row"])
         if axis == 1:
             ax.set_xscale("log")
         ax.set(xlabel=label, ylabel="val bpb", title=f"Validation bits per byte vs {label.split(' (')[0]}")
@@ -214,16 +216,22 @@ def _save(fig, path):
 
 # ----------------------------------------------------------------------------- outputs
 
-def to_markdown(board, table):
-    def md(df):
-        head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-        return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
-                              for row in df.itertuples(index=False))
+def formatted(table):
+    """The details table as people read it: rounded numbers, FLOPs in scientific notation."""
     shown = table.copy()
     for col, spec in (("total_training_time_s", ".0f"), ("total_training_time_h", ".2f"),
                       ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("cost_usd", ".2f")):
         if col in shown:
             shown[col] = [None if pd.isna(v) else format(v, spec) for v in shown[col]]
+    return shown
+
+
+def to_markdown(board, table):
+    def md(df):
+        head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+        return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
+                              for row in df.itertuples(index=False))
+    shown = formatted(table)
     if "command" in shown:
         shown["command"] = [f"`{c}`" for c in shown["command"]]
     return ("# Time to GPT-2: the leaderboard, regenerated\n\n"
@@ -233,19 +241,21 @@ def to_markdown(board, table):
 
 
 def to_html(board, table, made):
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "div.scroll{overflow-x:auto}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ddd;"
              "padding:4px 8px;text-align:left}th{background:#f4f6f8}tr:nth-child(even){background:#fafafa}"
              "img{max-width:100%;margin:0.5em 0}code{font-size:12px}")
     images = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' "
                      f"src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}'>"
                      for name, p in made.items())
+    reproduced = (f"<div class='scroll'>{formatted(table).to_html(index=False, escape=True, na_rep='-')}</div>"
+                  if len(table) else "<p>None yet.</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Time to GPT-2</title><style>{style}</style>"
             f"</head><body><h1>Time to GPT-2: the leaderboard, regenerated</h1>"
             f"<p>Published rows beside this pipeline's reproductions. CORE must exceed GPT-2's 0.256525.</p>"
-            f"{board.to_html(index=False, escape=True)}<h2>Reproduced rows</h2>"
-            f"{table.to_html(index=False, escape=True, na_rep='-') if len(table) else '<p>None yet.</p>'}"
-            f"<h2>Figures</h2>{images}</body></html>")
+            f"{board.replace('`', '', regex=True).to_html(index=False, escape=True)}<h2>Reproduced rows</h2>"
+            f"{reproduced}<h2>Figures</h2>{images}</body></html>")
 
 
 def build(cfg, reference, results, out):
