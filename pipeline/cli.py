@@ -37,10 +37,13 @@ def parser(stage, description):
 
 
 def row_specs(cfg, config_path, row, stage):
+    """The specs of `stage` that `row` needs (a row without that stage is an error)."""
     p = plan.make_plan(cfg)
     if row not in p.rows:
         raise StageError(f"{config_path}: no row named {row!r} (rows: {', '.join(p.rows)})")
-    return [p.specs[k] for k in p.rows[row].get(stage, [])]
+    if not p.rows[row].get(stage):
+        raise StageError(f"{config_path}: row {row!r} has no {stage} stage")
+    return [p.specs[k] for k in p.rows[row][stage]]
 
 
 def user_errors(main):

@@ -23,16 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import bundle, cli, core_tasks, plan, store, tokenizer
+from pipeline import bundle, cli, core_tasks, evaluate, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
 
 GPT2_CORE = 0.256525
-SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
-
 
 def load_checkpoint_model(train_dir, device):
     train_dir = Path(train_dir)
@@ -51,9 +47,6 @@ class Scorer:
 
     def __init__(self, model, pad, device, batch_tokens):
         self.model, self.pad, self.device, self.batch_tokens = model, pad, device, batch_tokens
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
     def correct(self, examples):
@@ -78,7 +71,7 @@ class Scorer:
         for k, r in enumerate(rows):
             ids[k, :len(r)] = torch.tensor(r)
         ids = ids.to(self.device)
-        with self.autocast():
+        with evaluate.autocast(self.device):
             logits = self.model(ids).float()
         B, T, V = logits.shape
         losses = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
@@ -133,34 +126,15 @@ def gpt2_verdict(result):
             "beats_gpt2": result["core_metric"] > GPT2_CORE if comparable else None}
 
 
-@torch.no_grad()
-def greedy_samples(model, enc, device, tokens=16):
-    out = {}
-    bos = enc.encode_single_token(tokenizer.BOS)
-    for prompt in SAMPLE_PROMPTS:
-        ids = [bos] + enc.encode_ordinary(prompt)
-        for _ in range(tokens):
-            logits = model(torch.tensor([ids[-model.config.sequence_len:]], device=device))
-            ids.append(int(logits[0, -1].argmax()))
-        out[prompt] = enc.decode(ids[len(enc.encode_ordinary(prompt)) + 1:])
-    return out
-
-
 def bits_per_byte(model, blocks, tok_dir, tokens, device, rank, world):
     """nanochat's base_eval bpb: `tokens` worth of packed rows from each split."""
-    from pipeline.train import evaluate_bpb
-
     token_bytes = torch.from_numpy(np.load(Path(tok_dir) / "token_bytes.npy")).to(device)
     seq, rows = model.config.sequence_len, 8
     steps = max(1, tokens // (rows * seq * world))
     out = {}
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
     for split, block in blocks.items():
         loader = DistributedLoader([block], rows, seq, rank, world)
-        out[f"{split}_bpb"] = evaluate_bpb(model, loader, steps, token_bytes, autocast, world)
+        out[f"{split}_bpb"] = evaluate.evaluate_bpb(model, loader, steps, token_bytes, world)
     out["tokens_per_split"] = steps * rows * seq * world
     return out
 
@@ -229,7 +203,7 @@ def run(spec, inputs, out, work, threads):
     if rank != 0:
         return
     if enc is not None:
-        extras["samples.json"] = greedy_samples(model, enc, device)
+        extras["samples.json"] = evaluate.greedy_samples(model, enc, device)
     bundle = store.read_manifest(bundle_dir)
     if enc is None:
         source = {"hf_model": params["hf_model"]}
@@ -273,10 +247,7 @@ def main(argv=None):
         run(spec, args.inputs, Path(args.out), store.work_dir(spec, args.work), os.cpu_count())
     elif args.row:
         cfg = plan.load_config(args.config)
-        p = plan.make_plan(cfg)
-        if args.row not in p.rows or "core" not in p.rows[args.row]:
-            raise StageError(f"{args.config}: no row {args.row!r} with a core bundle")
-        spec = p.specs[p.rows[args.row]["core"][0]]
+        (spec,) = cli.row_specs(cfg, args.config, args.row, "core")
         root = Path(cfg["store_dir"])
         run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
             store.work_dir(spec, cfg["work_dir"]), os.cpu_count())

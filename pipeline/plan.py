@@ -33,9 +33,9 @@ STAGE_SOURCES = {
     "download": ("download.py",),
     "tokenizer": ("tokenizer.py",),
     "pretokenize": ("pretokenize.py",),
-    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py"),
+    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py", "evaluate.py"),
     "bundle": ("bundle.py",),
-    "core": ("core.py", "core_tasks.py"),
+    "core": ("core.py", "core_tasks.py", "evaluate.py"),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
 # Flags that only name things; renaming a run must not retrain it.

@@ -155,7 +155,8 @@ def figures(rows, reference, per_task_row, out):
                               ("val_bpb_vs_flops", 1, "training FLOPs")):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in trained:
-            x, y = _curves(r)[axis], _curves(r)[2]
+            curve = _curves(r)
+            x, y = curve[axis], curve[2]
             if axis == 1:  # a log axis has no room for the evaluation before the first step
                 x, y = zip(*[(a, b) for a, b in zip(x, y, strict=True) if a > 0], strict=True) or ([], [])
             ax.plot(x, y, marker="o", ms=3, label=r["row"])

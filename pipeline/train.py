@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, launch, plan, store, tokenizer
+from pipeline import checkpoint, cli, dims, evaluate, launch, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.optim import MuonAdamW
@@ -32,7 +32,6 @@ from pipeline.store import StageError
 SMOOTHING = 0.9        # EMA of the logged train loss
 UNTIMED_STEPS = 10     # compile and warm-up steps left out of total_training_time, as on the leaderboard
 MOMENTUM_WARMUP = 300  # Muon momentum ramps 0.85 -> 0.95 over these steps
-SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then")
 # Dense bf16 peak FLOP/s by device name (lower case substring, first match wins), for MFU.
 PEAK_FLOPS = (("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("h800", 989e12),
               ("gh200", 989e12), ("b200", 2.25e15), ("b100", 1.8e15), ("a100", 312e12), ("a800", 312e12),
@@ -228,38 +227,6 @@ def plain_linears(model):
             setattr(parent, attr, module)
 
 
-@torch.no_grad()
-def evaluate_bpb(model, loader, steps, token_bytes, autocast, world):
-    """Bits per byte: summed loss (nats) over tokens that stand for bytes, over ln 2 x their bytes."""
-    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
-    nbytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y = (torch.from_numpy(a).to(token_bytes.device) for a in next(loader))
-        with autocast():
-            loss = model(x, y, loss_reduction="none").view(-1)
-        y = y.view(-1)
-        b = torch.where(y >= 0, token_bytes[y.clamp_min(0)], 0)
-        nats += (loss.double() * (b > 0)).sum()
-        nbytes += b.sum()
-    if world > 1:
-        for t in (nats, nbytes):
-            dist.all_reduce(t)
-    return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("inf")
-
-
-@torch.no_grad()
-def sample(model, enc, device, autocast, tokens=16):
-    out = []
-    for prompt in SAMPLE_PROMPTS:
-        ids = [enc.encode_single_token(tokenizer.BOS)] + enc.encode_ordinary(prompt)
-        for _ in range(tokens):
-            with autocast():
-                logits = model(torch.tensor([ids[-model.config.sequence_len:]], device=device))
-            ids.append(int(logits[0, -1].argmax()))
-        out.append(enc.decode(ids[1:]))
-    return out
-
-
 def peak_flops(device):
     if device.type != "cuda":
         return None
@@ -299,11 +266,6 @@ class Trainer:
         self.token_bytes = torch.from_numpy(np.load(tok_dir / "token_bytes.npy")).to(self.device)
         self.ckpt_dir, self.metrics_path = self.work / "checkpoints", self.work / "metrics.jsonl"
         self.work.mkdir(parents=True, exist_ok=True)
-
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def log(self, record):
         if self.master:
@@ -381,7 +343,7 @@ class Trainer:
         loader = DistributedLoader([self.val_dir], args.device_batch_size, args.max_seq_len, self.rank, self.world)
         self.model.eval()
         with plain_linears(self.model):
-            bpb = evaluate_bpb(self.model, loader, steps, self.token_bytes, self.autocast, self.world)
+            bpb = evaluate.evaluate_bpb(self.model, loader, steps, self.token_bytes, self.world)
         self.model.train()
         self.loop["val_bpb"] = bpb
         best = self.loop["min_val_bpb"]
@@ -398,7 +360,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(hp["grad_accum_steps"]):
             x, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in next(self.loader))
-            with self.autocast():
+            with evaluate.autocast(self.device):
                 loss = self.compiled(x, y)
             total += loss.detach()
             (loss / hp["grad_accum_steps"]).backward()
@@ -440,7 +402,7 @@ class Trainer:
                     run.log({"val/bpb": bpb}, step=self.step)
             if self.master and args.sample_every > 0 and (last or (due and self.step % args.sample_every == 0)):
                 with plain_linears(self.model):
-                    self.log({"step": self.step, "samples": sample(self.model, self.enc, self.device, self.autocast)})
+                    self.log({"step": self.step, "samples": evaluate.greedy_samples(self.model, self.enc, self.device)})
             if last or (args.save_every > 0 and self.step % args.save_every == 0 and self.step != first_step):
                 self.save()
             if last:
@@ -520,10 +482,7 @@ class Trainer:
 
 def spec_for_row(config_path, row):
     cfg = plan.load_config(config_path)
-    p = plan.make_plan(cfg)
-    if row not in p.rows:
-        raise StageError(f"{config_path}: no row named {row!r} (rows: {', '.join(p.rows)})")
-    return cfg, p.specs[p.rows[row]["train"][0]]
+    return cfg, cli.row_specs(cfg, config_path, row, "train")[0]
 
 
 STORE_FLAGS = {"spec", "row", "config", "store", "work", "threads", "inputs", "out", *plan.TRAIN_NAME_FLAGS}

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import config, dims, plan
 
-STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")
+STAGES = plan.STAGES
 
 
 def make(cfg, root=plan.PIPELINE_DIR):

@@ -1,0 +1,54 @@
+"""Measuring a model, shared by the train and core stages: bits per byte and greedy samples."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from pipeline import tokenizer
+
+# nanochat's base_eval prompts
+SAMPLE_PROMPTS = ("The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is")
+
+
+def autocast(device):
+    """bf16 compute on CUDA (fp32 master weights stay as they are); plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_bpb(model, loader, steps, token_bytes, world):
+    """Bits per byte: summed loss (nats) over tokens that stand for bytes, over ln 2 x their bytes."""
+    device = token_bytes.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        x, y = (torch.from_numpy(a).to(device) for a in next(loader))
+        with autocast(device):
+            loss = model(x, y, loss_reduction="none").view(-1)
+        y = y.view(-1)
+        b = torch.where(y >= 0, token_bytes[y.clamp_min(0)], 0)
+        nats += (loss.double() * (b > 0)).sum()
+        nbytes += b.sum()
+    if world > 1:
+        for t in (nats, nbytes):
+            dist.all_reduce(t)
+    return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("inf")
+
+
+@torch.no_grad()
+def greedy_samples(model, enc, device, tokens=16):
+    """{prompt: the model's greedy continuation} for SAMPLE_PROMPTS."""
+    out = {}
+    bos = enc.encode_single_token(tokenizer.BOS)
+    for prompt in SAMPLE_PROMPTS:
+        prefix = [bos] + enc.encode_ordinary(prompt)
+        ids = list(prefix)
+        for _ in range(tokens):
+            with autocast(device):
+                logits = model(torch.tensor([ids[-model.config.sequence_len:]], device=device))
+            ids.append(int(logits[0, -1].argmax()))
+        out[prompt] = enc.decode(ids[len(prefix):])
+    return out
