@@ -93,6 +93,9 @@ def _cross_messages(cfg):
         if ds is not None and isinstance(shards, int) and shards > ds["val_shard"]:
             out.append(f"{where}.train_shards: {shards} is past the end of dataset {row['dataset']!r}, which has "
                        f"{ds['val_shard']} train shards (0..{ds['val_shard'] - 1}; {ds['val_shard']} validates)")
+        if "seeds" in row and "seed" in row["train"]:
+            out.append(f"{where}.seeds: the row also sets train.seed; keep one of them "
+                       f"(seeds: [{row['train']['seed']}] for a single seed)")
         out += _batch_messages(where, row)
     return out
 

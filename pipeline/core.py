@@ -28,7 +28,7 @@ from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
 
-GPT2_CORE = 0.256525
+GPT2_CORE = core_tasks.GPT2_CORE
 
 def load_checkpoint_model(train_dir, device):
     train_dir = Path(train_dir)

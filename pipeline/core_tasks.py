@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.store import StageError
 
+GPT2_CORE = 0.256525  # the 2019 GPT-2 (1.5B) checkpoint's CORE: the leaderboard's bar
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337   # every task's items are shuffled with this seed before --max-per-task cuts them
 FEWSHOT_SEED = 1234   # few-shot examples for item idx come from random.Random(FEWSHOT_SEED + idx)

@@ -155,23 +155,28 @@ def _row_plan(plan, cfg, name, row, root):
     pretokenized = [_pretokenize_spec(plan, cfg, dataset, b, tokenizer, root) for b in blocks]
     flags = {k: v for k, v in row["train"].items() if k not in TRAIN_NAME_FLAGS}
     names = {k: row["train"][k] for k in TRAIN_NAME_FLAGS if k in row["train"]}
-    train = plan.add(make_spec("train", flags, [ref(tokenizer)] + [ref(b) for b in pretokenized],
-                               settings={"row": name, "launch": row["launch"], **names}, root=root))
+    # One training per seed; without `seeds` the flags are keyed as given, so adding the field to a
+    # config later does not re-key (and retrain) the rows that do not use it.
+    seeds = row.get("seeds")
+    trains = [plan.add(make_spec("train", flags if seed is None else {**flags, "seed": seed},
+                                 [ref(tokenizer)] + [ref(b) for b in pretokenized],
+                                 settings={"row": name, "launch": row["launch"], **names}, root=root))
+              for seed in seeds or [None]]
     downloads = [r for s in (tokenizer, *pretokenized) for r in s["inputs"] if r.startswith("download/")]
     keys = {"download": list(dict.fromkeys(r.split("/")[1] for r in downloads)),
             "tokenizer": [tokenizer["key"]], "pretokenize": [b["key"] for b in pretokenized],
-            "train": [train["key"]], "train_shards": sum(map(len, blocks[:-1]))}
+            "train": [t["key"] for t in trains], "train_shards": sum(map(len, blocks[:-1])), "seeds": seeds}
     core_cfg = row["core"]
     if "bundle" in core_cfg:
         bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
         bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
                                     root=root))
-        core = plan.add(make_spec(
+        cores = [plan.add(make_spec(
             "core", {k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks", "bpb_tokens")},
             [ref(train), ref(bundle), ref(tokenizer), ref(pretokenized[0]), ref(pretokenized[-1])],
             settings={"row": name, "launch": row["launch"], "device_type": row["train"].get("device_type"),
-                      "batch_tokens": core_cfg["batch_tokens"]}, root=root))
-        keys.update(bundle=[bundle["key"]], core=[core["key"]])
+                      "batch_tokens": core_cfg["batch_tokens"]}, root=root)) for train in trains]
+        keys.update(bundle=[bundle["key"]], core=[c["key"] for c in cores])
     return keys
 
 

@@ -2,15 +2,23 @@
 
     python -m pipeline.publish token-shards --row smoke --tokenizer DIR --blocks DIR... --out FILE
     python -m pipeline.publish copy STORE_FILE OUT      # a store file, copied (never linked) and checked
+    python -m pipeline.publish train-summary --summary OUT --metrics OUT TRAIN_DIR...
     python -m pipeline.publish row --row NAME --out DIR STAGE=DIR...   # core.json + the chain's manifest
+
+A row with several seeds has one train and one core directory per seed. Its train_summary.json and
+core.json then hold the mean as the usual fields, the spread under "seeds", and every seed's own
+file, unchanged, under "runs" (so each can be checked against its manifest's sha256);
+metrics.jsonl is the first seed's.
 """
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 from pipeline import cli, store
+from pipeline.core_tasks import GPT2_CORE
 from pipeline.store import StageError
 
 
@@ -33,16 +41,87 @@ def token_shards(row, tokenizer_dir, block_dirs):
             "train_documents": sum(b["documents"] for b in train)}
 
 
-def copy_checked(src, out):
-    """Copy a file out of its store directory, refusing one that no longer matches the manifest."""
+def checked_bytes(src):
+    """A file's bytes from its store directory, refusing one that no longer matches the manifest."""
     src = Path(src)
     record = store.read_manifest(src.parent)["outputs"].get(src.name)
     if record is None:
         raise StageError(f"{src} is not an output listed in {src.parent / store.MANIFEST}")
-    data = src.read_bytes()
+    data = src.read_bytes() if src.is_file() else b""
     if store.sha256_bytes(data) != record["sha256"]:
-        raise StageError(f"{src}: sha256 differs from its manifest (edited after the stage wrote it)")
-    store.atomic_write(out, data)
+        raise StageError(f"{src}: missing, or its sha256 differs from its manifest (edited after the stage "
+                         "wrote it); rerun its stage")
+    return data
+
+
+def copy_checked(src, out):
+    store.atomic_write(out, checked_bytes(src))
+
+
+def spread(values, bar=None):
+    """Mean and spread over seeds; with `bar`, how many seeds beat it."""
+    out = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+           "min": min(values), "max": max(values), "values": list(values)}
+    if bar is not None:
+        out["beating"] = sum(v > bar for v in values)
+    return out
+
+
+def seeded_runs(train_dirs, other_dirs, name):
+    """[(seed, key, parsed file)] for each seed; other_dirs[i] must be the stage fed by train_dirs[i]."""
+    runs = []
+    for train_dir, d in zip(train_dirs, other_dirs, strict=True):
+        train = store.read_manifest(train_dir)
+        manifest = store.read_manifest(d)
+        if d != train_dir and f"train/{train['key']}" not in manifest["inputs"]:
+            raise StageError(f"{d} was not computed from {train_dir}; pass the directories in seed order")
+        runs.append((train["params"].get("seed"), manifest["key"], json.loads(checked_bytes(Path(d) / name))))
+    return runs
+
+
+def seeds_train_summary(runs):
+    """The mean training run, for a row trained once per seed."""
+    summaries = [s for _, _, s in runs]
+    out = dict(summaries[0])
+    out["seeds"] = {"seeds": [seed for seed, _, _ in runs]}
+    for field in ("total_training_time", "total_training_flops", "min_val_bpb", "val_bpb"):
+        values = [s[field] for s in summaries if s.get(field) is not None]
+        if len(values) == len(summaries):
+            out["seeds"][field] = spread(values)
+            out[field] = out["seeds"][field]["mean"]
+    out["runs"] = [{"seed": seed, "key": key, "train_summary": s} for seed, key, s in runs]
+    return out
+
+
+def seeds_core(runs):
+    """The mean CORE over seeds, its spread and how many seeds beat GPT-2 (only if comparable)."""
+    cores = [c for _, _, c in runs]
+    comparable = all(c.get("comparable_to_gpt2") for c in cores)
+    metric = spread([c["core_metric"] for c in cores], GPT2_CORE if comparable else None)
+    tasks = {t: {f: statistics.fmean(c["tasks"][t][f] for c in cores) for f in ("centered", "accuracy")}
+             for t in cores[0]["tasks"] if all(t in c["tasks"] for c in cores)}
+    return {"core_metric": metric["mean"], "tasks": tasks, "partial": any(c["partial"] for c in cores),
+            "tasks_evaluated": min(c["tasks_evaluated"] for c in cores), "max_per_task": cores[0]["max_per_task"],
+            "gpt2_core": GPT2_CORE, "comparable_to_gpt2": comparable,
+            "beats_gpt2": metric["mean"] > GPT2_CORE if comparable else None,
+            "seeds": {"seeds": [seed for seed, _, _ in runs], "core_metric": metric},
+            "runs": [{"seed": seed, "key": key, "core": c} for seed, key, c in runs]}
+
+
+def train_summary(train_dirs, summary_out, metrics_out):
+    if len(train_dirs) == 1:
+        copy_checked(Path(train_dirs[0]) / "train_summary.json", summary_out)
+    else:
+        store.write_json(summary_out, seeds_train_summary(seeded_runs(train_dirs, train_dirs, "train_summary.json")))
+    copy_checked(Path(train_dirs[0]) / "metrics.jsonl", metrics_out)
+
+
+def row_core(stage_dirs, out):
+    cores = stage_dirs["core"]
+    if len(cores) == 1:
+        copy_checked(Path(cores[0]) / "core.json", out)
+    else:
+        store.write_json(out, seeds_core(seeded_runs(stage_dirs["train"], cores, "core.json")))
 
 
 def row_manifest(row, stage_dirs, command):
@@ -72,6 +151,10 @@ def main(argv=None):
     cp = sub.add_parser("copy", help="copy one file of a store directory out, after checking its sha256")
     cp.add_argument("src")
     cp.add_argument("out")
+    tr = sub.add_parser("train-summary", help="results/<row>/train_summary.json and metrics.jsonl")
+    tr.add_argument("--summary", required=True)
+    tr.add_argument("--metrics", required=True)
+    tr.add_argument("train_dirs", nargs="+", help="the row's train store directories, one per seed")
     rw = sub.add_parser("row", help="results/<row>/core.json and manifest.json (the chain) from the store")
     rw.add_argument("--row", required=True)
     rw.add_argument("--out", required=True, help="results/<row>")
@@ -80,12 +163,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "copy":
         copy_checked(args.src, args.out)
+    elif args.cmd == "train-summary":
+        train_summary(args.train_dirs, args.summary, args.metrics)
     elif args.cmd == "row":
         stage_dirs = {}
         for item in args.stages:
             stage, _, d = item.partition("=")
             stage_dirs.setdefault(stage, []).append(d)
-        copy_checked(Path(stage_dirs["core"][0]) / "core.json", Path(args.out) / "core.json")
+        row_core(stage_dirs, Path(args.out) / "core.json")
         store.write_json(Path(args.out) / "manifest.json", row_manifest(args.row, stage_dirs, args.command))
     else:
         store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))

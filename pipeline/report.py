@@ -7,9 +7,14 @@
         reports/leaderboard.html  one self-contained page: tables and figures inline
         reports/figures/*.png
 
-A row is read from results/<row>/ (core.json, train_summary.json, metrics.jsonl, manifest.json);
-nothing is retrained. A row without them is listed as "not run". A partial CORE (tasks missing, or
-items capped) is shown as such and never counted as beating GPT-2.
+    python -m pipeline.report import DIR    # rows made elsewhere (a cluster's results/), sha256-checked
+
+A row is read from results/<row>/ (core.json, train_summary.json, metrics.jsonl, manifest.json), or
+from results/imported/<row>/ when it was imported; nothing is retrained. A row without them is listed
+as "not run"; a row whose files do not verify against its chain (pipeline.provenance) is refused:
+listed, with the reason, but none of its numbers. A partial CORE (tasks missing, or items capped) is
+shown as such and never counted as beating GPT-2. A row with several seeds shows their mean, spread
+and how many seeds beat GPT-2.
 """
 
 import argparse
@@ -27,9 +32,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline import cli, config, store  # noqa: E402
+from pipeline import cli, config, plan, provenance, store  # noqa: E402
 from pipeline.store import StageError  # noqa: E402
 
+IMPORTED = "imported"  # results/imported/<row>/: rows brought in by `import`
 COLUMNS = ["#", "time", "val_bpb", "CORE", "Description", "Date", "Commit", "Contributors"]
 
 
@@ -37,19 +43,25 @@ def _read_json(path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_row(results, name, row_cfg):
-    """What results/<name>/ holds, or a 'not run' row."""
+def load_row(results, name, row_cfg, store_root=None):
+    """What results/<name>/ (or results/imported/<name>/) holds, or a 'not run' row."""
     d = Path(results) / name
-    core = _read_json(d / "core.json")
-    summary = _read_json(d / "train_summary.json")
-    manifest = _read_json(d / "manifest.json")
+    if not (d / "core.json").is_file() and (Path(results) / IMPORTED / name / "core.json").is_file():
+        d = Path(results) / IMPORTED / name
+    found = {"row": name, "description": row_cfg.get("description", name), "reference": row_cfg.get("reference"),
+             "hf_model": row_cfg.get("hf_model"), "status": "not run", "core": None, "summary": None,
+             "manifest": None, "metrics": [], "problems": [], "imported": d.parent.name == IMPORTED}
+    if not any((d / f).is_file() for f in provenance.PUBLISHED):
+        return found
+    problems = provenance.row_problems(d, store_root, provenance.REPORT_HASH_LIMIT)
+    if problems:
+        return {**found, "status": "refused", "problems": problems}
+    core, summary = _read_json(d / "core.json"), _read_json(d / "train_summary.json")
     metrics = []
     if (d / "metrics.jsonl").is_file():
         metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    status = "reproduced" if core else ("trained" if summary else "not run")
-    return {"row": name, "description": row_cfg.get("description", name), "reference": row_cfg.get("reference"),
-            "hf_model": row_cfg.get("hf_model"), "status": status, "core": core, "summary": summary,
-            "manifest": manifest, "metrics": metrics}
+    return {**found, "status": "reproduced" if core else "trained", "core": core, "summary": summary,
+            "manifest": provenance.read_row_manifest(d), "metrics": metrics}
 
 
 def _fmt(x, spec):
@@ -60,6 +72,11 @@ def _core_text(core):
     if core is None:
         return "-"
     text = f"{core['core_metric']:.4f}"
+    seeds = core.get("seeds")
+    if seeds:
+        m = seeds["core_metric"]
+        text += f" ± {m['std']:.4f} ({len(seeds['seeds'])} seeds"
+        text += f", {m['beating']} beat GPT-2)" if "beating" in m else ")"
     if core.get("partial"):
         return f"{text} (partial: {core['tasks_evaluated']} tasks)"
     if not core.get("comparable_to_gpt2"):
@@ -67,23 +84,29 @@ def _core_text(core):
     return text
 
 
+def _stage(manifest, stage):
+    """The row's manifests of one stage (one per seed)."""
+    return provenance.manifests((manifest or {}).get("chain", {}), stage)
+
+
 def _commit(manifest):
-    git = (manifest or {}).get("chain", {}).get("train", {}).get("git") or {}
+    git = next(iter(_stage(manifest, "train")), {}).get("git") or {}
     if not git.get("commit"):
         return "-"
     return git["commit"][:7] + ("-dirty" if git.get("dirty") else "")
 
 
 def _date(manifest):
-    finished = ((manifest or {}).get("chain", {}).get("core") or {}).get("finished_at")
-    return finished[:10] if finished else "-"
+    finished = max((m.get("finished_at") or "" for m in _stage(manifest, "core")), default="")
+    return finished[:10] or "-"
 
 
 def ours_line(r):
     s, c = r["summary"], r["core"]
     number = f"{r['reference']} (ours)" if r["reference"] is not None else r["row"]
-    if r["status"] == "not run":
-        return [number, "not run", "-", "-", r["description"], "-", "-", f"row `{r['row']}`"]
+    if r["status"] in ("not run", "refused"):
+        why = f"row `{r['row']}`" + (": does not verify, see below" if r["problems"] else "")
+        return [number, r["status"], "-", "-", r["description"], "-", "-", why]
     hours = f"{s['total_training_time'] / 3600:.2f}" if s else "-"
     bpb = _fmt(s.get("min_val_bpb") if s else None, ".5f")
     return [number, hours, bpb, _core_text(c), r["description"], _date(r["manifest"]), _commit(r["manifest"]),
@@ -106,32 +129,46 @@ def leaderboard(rows, reference):
     return pd.DataFrame(lines, columns=COLUMNS)
 
 
+def _verdict(c, gpt2_core):
+    if c is None:
+        return "no CORE yet"
+    if not c.get("comparable_to_gpt2"):
+        return "not comparable (partial)"
+    verdict = "yes" if c["core_metric"] > gpt2_core else "no"
+    if c.get("seeds"):
+        verdict += f" (mean; {c['seeds']['core_metric']['beating']} of {len(c['seeds']['seeds'])} seeds beat it)"
+    return verdict
+
+
 def details(rows, gpt2_core, gpu_hour_usd):
     """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
     out = []
     for r in rows:
-        if r["status"] == "not run":
+        if r["status"] in ("not run", "refused"):
             continue
         s, c, m = r["summary"] or {}, r["core"], r["manifest"] or {}
         gpus = s.get("world_size", 0) if str(s.get("device", "cpu")).lower() != "cpu" else 0
         hours = s.get("total_training_time", 0) / 3600 if s else None
-        if c is None:
-            verdict = "no CORE yet"
-        elif c.get("comparable_to_gpt2"):
-            verdict = "yes" if c["core_metric"] > gpt2_core else "no"
-        else:
-            verdict = "not comparable (partial)"
+        spread = (c or {}).get("seeds", {}).get("core_metric", {})
         out.append({
-            "row": r["row"], "train_key": (m.get("chain", {}).get("train") or {}).get("key"),
-            "core_key": (m.get("chain", {}).get("core") or {}).get("key"),
+            "row": r["row"] + (" (imported)" if r["imported"] else ""),
+            "train_key": " ".join(t["key"] for t in _stage(m, "train")) or None,
+            "core_key": " ".join(t["key"] for t in _stage(m, "core")) or None,
             "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
             "total_training_time_s": s.get("total_training_time"), "total_training_time_h": hours,
             "total_training_flops": s.get("total_training_flops"), "steps": s.get("step"),
-            "core_metric": c["core_metric"] if c else None, "beats_gpt2": verdict,
+            "seeds": len(_stage(m, "core")) or None,
+            "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
+            "core_min": spread.get("min"), "core_max": spread.get("max"), "beats_gpt2": _verdict(c, gpt2_core),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
         })
     return pd.DataFrame(out)
+
+
+def refusals(rows):
+    """Rows whose files do not verify, with every reason."""
+    return [(r["row"], p) for r in rows if r["status"] == "refused" for p in r["problems"]]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -139,7 +176,7 @@ def details(rows, gpt2_core, gpu_hour_usd):
 def _curves(r):
     """(hours, flops, val_bpb) at every evaluation of the row's training run."""
     steps = {m["step"]: m for m in r["metrics"] if "loss" in m}
-    resolved = ((r["manifest"] or {}).get("chain", {}).get("train") or {}).get("resolved", {})
+    resolved = next(iter(_stage(r["manifest"], "train")), {}).get("resolved", {})
     per_step = resolved.get("flops_per_token", 0) * resolved.get("total_batch_size", 0)
     pts = [(steps[m["step"]]["total_training_time"] / 3600 if m["step"] in steps else 0.0, per_step * m["step"],
             m["val_bpb"]) for m in r["metrics"] if "val_bpb" in m]
@@ -173,9 +210,14 @@ def figures(rows, reference, per_task_row, out):
     values = [ref["core"] for ref in reference["rows"]] + [r["core"]["core_metric"] for r in scored]
     colours = ["#bbbbbb"] * len(reference["rows"]) + ["#ff9f1c" if r["core"]["partial"] else "#2e86ab"
                                                        for r in scored]
-    ax.bar(names, values, color=colours)
+    # seeds: the bar is the mean, the whisker spans the best and worst seed
+    low = [0.0] * len(reference["rows"]) + [r["core"]["core_metric"] - r["core"]["seeds"]["core_metric"]["min"]
+                                            if r["core"].get("seeds") else 0.0 for r in scored]
+    high = [0.0] * len(reference["rows"]) + [r["core"]["seeds"]["core_metric"]["max"] - r["core"]["core_metric"]
+                                             if r["core"].get("seeds") else 0.0 for r in scored]
+    ax.bar(names, values, color=colours, yerr=[low, high], capsize=3)
     ax.axhline(reference["gpt2_core"], color="#c0392b", ls="--", label=f"GPT-2 {reference['gpt2_core']}")
-    ax.set(ylabel="CORE", title="CORE per row (grey: published; orange: partial)")
+    ax.set(ylabel="CORE", title="CORE per row (grey: published; orange: partial; whiskers: seeds' range)")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     ax.legend(fontsize=8)
     made["core_per_row"] = _save(fig, out / "core_per_row.png")
@@ -194,7 +236,7 @@ def figures(rows, reference, per_task_row, out):
         ax.legend(fontsize=8)
         made["per_task"] = _save(fig, out / "per_task.png")
     series = [r for r in scored if r["summary"]]
-    if len({(r["manifest"] or {}).get("chain", {}).get("train", {}).get("params", {}).get("depth")
+    if len({next(iter(_stage(r["manifest"], "train")), {}).get("params", {}).get("depth")
             for r in series}) >= 2:  # a miniseries: several depths
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
         for r in series:
@@ -227,7 +269,14 @@ def formatted(table):
     return shown
 
 
-def to_markdown(board, table):
+def _refused_md(refused):
+    if not refused:
+        return ""
+    return ("\n## Refused rows\n\nTheir files do not verify against their chain, so none of their numbers are "
+            "shown:\n\n" + "".join(f"- `{row}`: {problem}\n" for row, problem in refused))
+
+
+def to_markdown(board, table, refused=()):
     def md(df):
         head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
         return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
@@ -238,10 +287,10 @@ def to_markdown(board, table):
     return ("# Time to GPT-2: the leaderboard, regenerated\n\n"
             "Published rows (numbers) beside this pipeline's reproductions (`ours`). Time is "
             "`total_training_time` in hours; CORE must exceed GPT-2's 0.256525.\n\n" + md(board)
-            + "\n## Reproduced rows\n\n" + (md(shown) if len(shown) else "None yet.\n"))
+            + "\n## Reproduced rows\n\n" + (md(shown) if len(shown) else "None yet.\n") + _refused_md(refused))
 
 
-def to_html(board, table, made):
+def to_html(board, table, made, refused=()):
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "div.scroll{overflow-x:auto}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ddd;"
@@ -256,21 +305,48 @@ def to_html(board, table, made):
             f"</head><body><h1>Time to GPT-2: the leaderboard, regenerated</h1>"
             f"<p>Published rows beside this pipeline's reproductions. CORE must exceed GPT-2's 0.256525.</p>"
             f"{board.replace('`', '', regex=True).to_html(index=False, escape=True)}<h2>Reproduced rows</h2>"
-            f"{reproduced}<h2>Figures</h2>{images}</body></html>")
+            f"{reproduced}{_refused_html(refused)}<h2>Figures</h2>{images}</body></html>")
 
 
-def build(cfg, reference, results, out):
-    rows = [load_row(results, name, row) for name, row in cfg["rows"].items()]
+def _refused_html(refused):
+    if not refused:
+        return ""
+    items = "".join(f"<li><code>{html.escape(row)}</code>: {html.escape(p)}</li>" for row, p in refused)
+    return f"<h2>Refused rows</h2><p>Their files do not verify, so none of their numbers are shown.</p><ul>{items}</ul>"
+
+
+def build(cfg, reference, results, out, store_root=None):
+    rows = [load_row(results, name, row, store_root) for name, row in cfg["rows"].items()]
     board = leaderboard(rows, reference)
     table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"])
+    refused = refusals(rows)
     out = Path(out)
     made = figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")
-    store.atomic_write(out / "leaderboard.md", to_markdown(board, table))
+    store.atomic_write(out / "leaderboard.md", to_markdown(board, table, refused))
     csv = io.StringIO()
     pd.concat([board.assign(kind="leaderboard"), table.assign(kind="reproduced")]).to_csv(csv, index=False)
     store.atomic_write(out / "leaderboard.csv", csv.getvalue())
-    store.atomic_write(out / "leaderboard.html", to_html(board, table, made))
+    store.atomic_write(out / "leaderboard.html", to_html(board, table, made, refused))
+    for row, problem in refused:
+        print(f"refused row {row}: {problem}", file=sys.stderr)
     return rows
+
+
+def import_rows(src, cfg, results, src_store=None):
+    """`import`: provenance.import_results into results/imported/, then what the user should know."""
+    names = provenance.import_results(src, Path(results) / IMPORTED, cfg["store_dir"], src_store)
+    current = plan.make_plan(cfg).rows
+    for name in names:
+        chain = provenance.read_row_manifest(Path(results) / IMPORTED / name)["chain"]
+        if name not in current:
+            print(f"imported {name}: not a row of this config, so the report does not list it; add it to "
+                  "config/config.yaml (rows:) to show it", file=sys.stderr)
+        elif [m["key"] for m in provenance.manifests(chain, "core")] != current[name].get("core"):
+            print(f"imported {name}: made by another config or code than this checkout's (its keys differ); "
+                  f"the report shows it, and results/{name}/ from a local run would take its place", file=sys.stderr)
+        else:
+            print(f"imported {name}", file=sys.stderr)
+    return names
 
 
 def load_reference(path):
@@ -289,10 +365,20 @@ def main(argv=None):
     b.add_argument("--reference", default="config/reference.yaml")
     b.add_argument("--results", default="results")
     b.add_argument("--out", default="reports")
+    i = sub.add_parser("import", help="bring in rows from a results directory made elsewhere, after checking "
+                                      "every sha256 (into results/imported/<row>/)")
+    i.add_argument("src", help="a results directory (results/<row>/ and store/), or one row's directory")
+    i.add_argument("--config", default="config/config.yaml")
+    i.add_argument("--results", default="results")
+    i.add_argument("--src-store", help="the source's store, if not SRC/store")
     args = ap.parse_args(argv)
-    rows = build(config.load(args.config), load_reference(args.reference), args.results, args.out)
-    print(f"{sum(r['status'] != 'not run' for r in rows)} of {len(rows)} rows have results -> {args.out}",
-          file=sys.stderr)
+    cfg = config.load(args.config)
+    if args.cmd == "import":
+        import_rows(args.src, cfg, args.results, args.src_store)
+        return 0
+    rows = build(cfg, load_reference(args.reference), args.results, args.out, cfg["store_dir"])
+    print(f"{sum(r['status'] not in ('not run', 'refused') for r in rows)} of {len(rows)} rows have verified "
+          f"results -> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

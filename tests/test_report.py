@@ -1,38 +1,66 @@
 import copy
 import csv
+import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
-from pipeline import config, report
+from pipeline import config, provenance, publish, report, store
+
+GIT = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False}
 
 
-def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, device="NVIDIA H100 80GB HBM3"):
+def sealed(store_root, stage, key, files, params=None, inputs=(), resolved=None):
+    """A real store directory: `files` written to scratch, then sealed with a manifest."""
+    scratch = store_root.parent / "scratch" / stage / key
+    scratch.mkdir(parents=True)
+    for name, text in files.items():
+        (scratch / name).write_text(text)
+    spec = {"stage": stage, "key": key, "params": params or {}, "inputs": list(inputs), "source_digest": "0" * 64}
+    store.seal(spec, list(files), scratch, store_root / stage / key, resolved=resolved,
+               extra={"git": GIT, "finished_at": "2026-12-01T10:00:00+00:00"})
+    return store_root / stage / key
+
+
+def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, device="NVIDIA H100 80GB HBM3",
+              seeds=None):
+    """results/<name>/ as `snakemake results/<name>/core.json` leaves it, through the real publish code."""
+    store_root = results / "store"
+    trains, cores = [], []
+    for i, seed in enumerate(seeds or [None]):
+        metric = core_metric + 0.004 * (i - (len(seeds or [0]) - 1) / 2)  # seeds spread around the mean
+        tag = hashlib.sha256(f"{name}/{i}".encode()).hexdigest()
+        tasks = {"arc_easy": {"centered": 0.45 + i / 100, "accuracy": 0.59, "items": 2376, "correct": 1400,
+                              "type": "mc", "num_fewshot": 10, "random_baseline": 25.0},
+                 "piqa": {"centered": 0.42, "accuracy": 0.71, "items": 1838, "correct": 1300, "type": "mc",
+                          "num_fewshot": 10, "random_baseline": 50.0}}
+        core = {"core_metric": metric, "partial": partial, "tasks_evaluated": 2 if partial else 22, "tasks": tasks,
+                "max_per_task": -1, "comparable_to_gpt2": not partial,
+                "beats_gpt2": None if partial else metric > 0.256525}
+        summary = {"total_training_time": time_s + 60 * i, "total_training_flops": 4.33e19 * depth / 24,
+                   "step": 16704, "min_val_bpb": 0.7481, "val_bpb": 0.7483, "world_size": gpus, "device": device}
+        steps = (1, 8000, 16704)
+        metrics = [{"step": s, "loss": 3.0 - s / 10000, "total_training_time": time_s * s / 16704} for s in steps]
+        metrics += [{"step": s, "val_bpb": 0.9 - s / 100000} for s in (0, 8000, 16704)]
+        train = sealed(store_root, "train", tag[:16],
+                       {"train_summary.json": store.json_text(summary),
+                        "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)},
+                       params={"depth": depth, **({"seed": seed} if seed is not None else {})},
+                       resolved={"flops_per_token": 4.9451e9, "total_batch_size": 524288})
+        trains.append(train)
+        cores.append(sealed(store_root, "core", tag[16:32], {"core.json": store.json_text(core)},
+                            inputs=[f"train/{train.name}"]))
     d = results / name
-    d.mkdir(parents=True)
-    tasks = {"arc_easy": {"centered": 0.45, "accuracy": 0.59, "items": 2376, "correct": 1400, "type": "mc",
-                          "num_fewshot": 10, "random_baseline": 25.0},
-             "piqa": {"centered": 0.42, "accuracy": 0.71, "items": 1838, "correct": 1300, "type": "mc",
-                      "num_fewshot": 10, "random_baseline": 50.0}}
-    (d / "core.json").write_text(json.dumps({
-        "core_metric": core_metric, "partial": partial, "tasks_evaluated": 2 if partial else 22, "tasks": tasks,
-        "max_per_task": -1, "comparable_to_gpt2": not partial,
-        "beats_gpt2": None if partial else core_metric > 0.256525}))
-    (d / "train_summary.json").write_text(json.dumps({
-        "total_training_time": time_s, "total_training_flops": 4.33e19 * depth / 24, "step": 16704,
-        "min_val_bpb": 0.7481, "val_bpb": 0.7483, "world_size": gpus, "device": device}))
-    steps = (1, 8000, 16704)
-    metrics = [{"step": s, "loss": 3.0 - s / 10000, "total_training_time": time_s * s / 16704} for s in steps]
-    metrics += [{"step": s, "val_bpb": 0.9 - s / 100000} for s in (0, 8000, 16704)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (d / "manifest.json").write_text(json.dumps({
-        "row": name, "command": f"snakemake --cores all results/{name}/core.json",
-        "chain": {"train": {"key": "a" * 16, "git": {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False},
-                            "params": {"depth": depth},
-                            "resolved": {"flops_per_token": 4.9451e9, "total_batch_size": 524288}},
-                  "core": {"key": "b" * 16, "finished_at": "2026-12-01T10:00:00+00:00"}}}))
+    publish.train_summary(trains, d / "train_summary.json", d / "metrics.jsonl")
+    stage_dirs = {"train": trains, "core": cores}
+    publish.row_core(stage_dirs, d / "core.json")
+    store.write_json(d / "manifest.json", publish.row_manifest(
+        name, stage_dirs, f"snakemake --cores all results/{name}/core.json"))
+    return d
 
 
 @pytest.fixture
@@ -42,7 +70,7 @@ def built(tmp_path, repo_config):
     write_row(results, "d24_jan29", core_metric=0.2590, partial=False, time_s=10800.0, depth=24)
     write_row(results, "d26_fp8", core_metric=0.2412, partial=True, time_s=9000.0, depth=26, gpus=4)
     reference = report.load_reference(REPO / "config" / "reference.yaml")
-    report.build(cfg, reference, results, out)
+    report.build(cfg, reference, results, out, results / "store")
     return out, results
 
 
@@ -62,14 +90,20 @@ def test_markdown_has_published_rows_beside_reproduced_ones(built):
     assert order.index("1 (ours)") == order.index("1") + 1
 
 
+def details_rows(md):
+    """The "Reproduced rows" table as {row: {column: cell}}."""
+    header, *rows = table_rows(md.split("## Reproduced rows")[1].split("\n## ")[0])
+    return {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+
+
 def test_details_say_who_beats_gpt2_and_what_it_cost(built):
     out, _ = built
-    rows = {r[0]: r for r in table_rows((out / "leaderboard.md").read_text())}
-    jan29 = rows["d24_jan29"]
-    assert jan29[3] == "NVIDIA H100 80GB HBM3 x 8" and jan29[4] == "10800" and jan29[5] == "3.00"
-    assert jan29[9] == "yes" and jan29[10] == "72.00"          # 3 h x 8 GPUs x $3
-    assert rows["d26_fp8"][9] == "not comparable (partial)"    # never counted as beating GPT-2
-    assert "`snakemake --cores all results/d24_jan29/core.json`" in jan29[11]
+    jan29 = details_rows((out / "leaderboard.md").read_text())["d24_jan29"]
+    assert jan29["hardware"] == "NVIDIA H100 80GB HBM3 x 8" and jan29["total_training_time_s"] == "10800"
+    assert jan29["total_training_time_h"] == "3.00" and jan29["seeds"] == "1"
+    assert jan29["beats_gpt2"] == "yes" and jan29["cost_usd"] == "72.00"          # 3 h x 8 GPUs x $3
+    assert details_rows((out / "leaderboard.md").read_text())["d26_fp8"]["beats_gpt2"] == "not comparable (partial)"
+    assert jan29["command"] == "`snakemake --cores all results/d24_jan29/core.json`"
 
 
 def test_csv_matches_the_json_inputs(built):
@@ -98,3 +132,154 @@ def test_html_is_self_contained_and_figures_are_real_pngs(built):
 def test_a_missing_reference_file_is_named(tmp_path):
     with pytest.raises(report.StageError, match="nope.yaml"):
         report.load_reference(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------- seeds
+
+@pytest.fixture
+def seeded(tmp_path, repo_config):
+    cfg = copy.deepcopy(repo_config)
+    cfg["rows"]["d24_jan29"]["seeds"] = [1, 2, 3]
+    cfg = config.check(cfg)
+    results, out = tmp_path / "results", tmp_path / "reports"
+    write_row(results, "d24_jan29", core_metric=0.2566, partial=False, time_s=10800.0, depth=24, seeds=[1, 2, 3])
+    report.build(cfg, report.load_reference(REPO / "config" / "reference.yaml"), results, out, results / "store")
+    return cfg, results, out
+
+
+def test_a_row_with_seeds_gives_mean_spread_and_count_beating_gpt2(seeded):
+    _, results, out = seeded
+    core = json.loads((results / "d24_jan29" / "core.json").read_text())
+    values = [0.2526, 0.2566, 0.2606]   # write_row spreads the seeds by 0.004 around 0.2566
+    assert core["seeds"]["seeds"] == [1, 2, 3] and [r["seed"] for r in core["runs"]] == [1, 2, 3]
+    assert core["core_metric"] == pytest.approx(0.2566)
+    spread = core["seeds"]["core_metric"]
+    assert (spread["min"], spread["max"]) == pytest.approx((values[0], values[2]))
+    assert spread["std"] == pytest.approx(0.004) and spread["beating"] == 2    # 0.2566 and 0.2606 beat 0.256525
+    assert core["tasks"]["arc_easy"]["centered"] == pytest.approx(0.46)       # the per-task mean
+    summary = json.loads((results / "d24_jan29" / "train_summary.json").read_text())
+    assert summary["total_training_time"] == pytest.approx(10860.0)             # mean of 10800, 10860, 10920
+    md = (out / "leaderboard.md").read_text()
+    assert {r[0]: r for r in table_rows(md)}["1 (ours)"][3] == "0.2566 ± 0.0040 (3 seeds, 2 beat GPT-2)"
+    row = details_rows(md)["d24_jan29"]
+    assert row["seeds"] == "3" and row["beats_gpt2"] == "yes (mean; 2 of 3 seeds beat it)"
+    assert len(row["train_key"].split()) == 3
+
+
+def test_seeds_and_train_seed_together_are_refused(repo_config):
+    cfg = copy.deepcopy(repo_config)
+    cfg["rows"]["d12"]["seeds"] = [1, 2]
+    cfg["rows"]["d12"]["train"]["seed"] = 7
+    with pytest.raises(config.ConfigError, match=r"rows\.d12\.seeds: the row also sets train\.seed"):
+        config.check(cfg)
+
+
+# ----------------------------------------------------------------------------- refusing what does not verify
+
+def rebuild(cfg, results, out):
+    return {r["row"]: r for r in report.build(cfg, report.load_reference(REPO / "config" / "reference.yaml"),
+                                              results, out, results / "store")}
+
+
+def test_a_published_number_edited_by_hand_is_refused(built, repo_config):
+    out, results = built
+    path = results / "d24_jan29" / "core.json"
+    path.write_text(path.read_text().replace("0.259", "0.299", 1))
+    rows = rebuild(config.check(copy.deepcopy(repo_config)), results, out)
+    assert rows["d24_jan29"]["status"] == "refused" and rows["d26_fp8"]["status"] == "reproduced"
+    md = (out / "leaderboard.md").read_text()
+    assert f"- `d24_jan29`: {path}: sha256 differs" in md and "0.299" not in md
+    assert {r[0]: r for r in table_rows(md)}["1 (ours)"][1:4] == ["refused", "-", "-"]
+    assert "d24_jan29" not in details_rows(md)
+
+
+def test_a_store_file_edited_after_publication_is_refused(built, repo_config):
+    out, results = built
+    (core_dir,) = [d for d in (results / "store" / "core").iterdir()
+                   if json.loads((d / "manifest.json").read_text())["key"] in
+                   (results / "d26_fp8" / "manifest.json").read_text()]
+    (core_dir / "core.json").write_text((core_dir / "core.json").read_text() + " ")
+    rows = rebuild(config.check(copy.deepcopy(repo_config)), results, out)
+    assert rows["d26_fp8"]["status"] == "refused"
+    size = len((core_dir / "core.json").read_bytes())
+    assert rows["d26_fp8"]["problems"] == [f"{core_dir / 'core.json'}: size {size} != {size - 1} in manifest"]
+
+
+def test_a_seeds_mean_edited_by_hand_is_refused(seeded):
+    cfg, results, out = seeded
+    path = results / "d24_jan29" / "core.json"
+    core = json.loads(path.read_text())
+    core["seeds"]["core_metric"]["beating"] = 3
+    store.write_json(path, core)
+    rows = rebuild(cfg, results, out)
+    assert rows["d24_jan29"]["problems"] == [f"{path}: its mean and spread do not recompute from its seeds' files "
+                                             "(edited by hand?)"]
+
+
+# ----------------------------------------------------------------------------- import
+
+def local_config(tmp_path, repo_config):
+    """The repo's config with its store under tmp_path; returns (checked config, its path)."""
+    cfg = copy.deepcopy(repo_config)
+    cfg["store_dir"] = str(tmp_path / "results" / "store")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return config.check(cfg), tmp_path / "config.yaml"
+
+
+def remote_results(tmp_path):
+    """A results directory as a cluster leaves it: two rows and their store."""
+    remote = tmp_path / "cluster" / "results"
+    write_row(remote, "d24_jan29", core_metric=0.2590, partial=False, time_s=10800.0, depth=24)
+    write_row(remote, "d26_fp8", core_metric=0.2612, partial=False, time_s=9000.0, depth=26)
+    return remote
+
+
+def test_import_brings_verified_rows_into_the_report(tmp_path, repo_config, capsys):
+    cfg, path = local_config(tmp_path, repo_config)
+    remote, results = remote_results(tmp_path), tmp_path / "results"
+    assert report.main(["import", str(remote), "--results", str(results), "--config", str(path)]) == 0
+    assert sorted(p.name for p in (results / "imported").iterdir()) == ["d24_jan29", "d26_fp8"]
+    assert "imported d26_fp8: made by another config or code" in capsys.readouterr().err
+    for d in (remote / "store").glob("*/*"):   # the chains' store directories came along, whole
+        assert store.verify(Path(cfg["store_dir"]) / d.parent.name / d.name) == []
+    rows = rebuild(cfg, results, tmp_path / "reports")
+    assert rows["d26_fp8"]["status"] == "reproduced" and rows["d26_fp8"]["imported"]
+    assert details_rows((tmp_path / "reports" / "leaderboard.md").read_text())["d26_fp8 (imported)"]["core_metric"] \
+        == "0.2612"
+    assert report.main(["import", str(remote), "--results", str(results), "--config", str(path)]) == 0  # again
+
+
+@pytest.mark.parametrize("damage", ["edited", "missing", "row-file"])
+def test_import_refuses_a_tampered_or_partial_directory_and_copies_nothing(tmp_path, damage, capsys, repo_config):
+    _, path = local_config(tmp_path, repo_config)
+    remote, results = remote_results(tmp_path), tmp_path / "results"
+    (train_dir,) = [d for d in (remote / "store" / "train").iterdir()
+                    if d.name in (remote / "d26_fp8" / "manifest.json").read_text()]
+    if damage == "edited":
+        victim = train_dir / "metrics.jsonl"
+        victim.write_text(victim.read_text().replace("0.9", "0.8"))
+    elif damage == "missing":
+        victim = train_dir / "train_summary.json"
+        victim.unlink()
+    else:
+        victim = remote / "d26_fp8" / "train_summary.json"
+        victim.write_text(victim.read_text().replace("9000", "900"))
+    assert report.main(["import", str(remote), "--results", str(results), "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to import {remote}; nothing was copied" in err and str(victim) in err
+    assert not (results / "imported").exists() and not (tmp_path / "results" / "store").exists()
+
+
+def test_import_never_overwrites_a_different_row(tmp_path):
+    remote, results = remote_results(tmp_path), tmp_path / "results"
+    provenance.import_results(remote, results / "imported", results / "store")
+    other = tmp_path / "other"
+    write_row(other, "d26_fp8", core_metric=0.2500, partial=False, time_s=9000.0, depth=26)
+    with pytest.raises(report.StageError, match=r"imported/d26_fp8/core.json: already imported and different"):
+        provenance.import_results(other, results / "imported", results / "store")
+    assert json.loads((results / "imported" / "d26_fp8" / "core.json").read_text())["core_metric"] == 0.2612
+
+
+def test_import_of_a_directory_without_rows_says_what_a_row_is(tmp_path):
+    with pytest.raises(report.StageError, match="no row to import"):
+        provenance.import_results(tmp_path, tmp_path / "imported", tmp_path / "store")

@@ -24,9 +24,9 @@ rule train:
 
 
 rule train_summary:
-    """The row's training summary and per-step metrics, copied out of the store."""
+    """The row's training summary (the mean over seeds, if several) and per-step metrics, out of the store."""
     input:
-        lambda w: store_dirs("train", PLAN.rows[w.row]["train"]),
+        row_dirs("train"),
     output:
         summary="results/{row}/train_summary.json",
         metrics="results/{row}/metrics.jsonl",
@@ -35,5 +35,5 @@ rule train_summary:
     conda:
         CONDA_ENV
     shell:
-        "(python -m pipeline.publish copy {input}/train_summary.json {output.summary} &&"
-        " python -m pipeline.publish copy {input}/metrics.jsonl {output.metrics}) > {log} 2>&1"
+        "python -m pipeline.publish train-summary --summary {output.summary} --metrics {output.metrics}"
+        " {input:q} > {log} 2>&1"
