@@ -150,10 +150,8 @@ def details(rows, gpt2_core, gpu_hour_usd):
         gpus = s.get("world_size", 0) if str(s.get("device", "cpu")).lower() != "cpu" else 0
         hours = s.get("total_training_time", 0) / 3600 if s else None
         spread = (c or {}).get("seeds", {}).get("core_metric", {})
-        out.append({
+        out.append({  # numbers first; keys (long, one per seed) last
             "row": r["row"] + (" (imported)" if r["imported"] else ""),
-            "train_key": " ".join(t["key"] for t in _stage(m, "train")) or None,
-            "core_key": " ".join(t["key"] for t in _stage(m, "core")) or None,
             "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
             "total_training_time_s": s.get("total_training_time"), "total_training_time_h": hours,
             "total_training_flops": s.get("total_training_flops"), "steps": s.get("step"),
@@ -162,6 +160,8 @@ def details(rows, gpt2_core, gpu_hour_usd):
             "core_min": spread.get("min"), "core_max": spread.get("max"), "beats_gpt2": _verdict(c, gpt2_core),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
+            "train_key": " ".join(t["key"] for t in _stage(m, "train")) or None,
+            "core_key": " ".join(t["key"] for t in _stage(m, "core")) or None,
         })
     return pd.DataFrame(out)
 
@@ -215,8 +215,15 @@ def figures(rows, reference, per_task_row, out):
                                             if r["core"].get("seeds") else 0.0 for r in scored]
     high = [0.0] * len(reference["rows"]) + [r["core"]["seeds"]["core_metric"]["max"] - r["core"]["core_metric"]
                                              if r["core"].get("seeds") else 0.0 for r in scored]
-    ax.bar(names, values, color=colours, yerr=[low, high], capsize=3)
+    ax.bar(names, values, color=colours)
+    seeded = [i for i, (lo, hi) in enumerate(zip(low, high, strict=True)) if lo or hi]
+    if seeded:
+        ax.errorbar(seeded, [values[i] for i in seeded], yerr=[[low[i] for i in seeded], [high[i] for i in seeded]],
+                    fmt="none", ecolor="#222222", capsize=4)
     ax.axhline(reference["gpt2_core"], color="#c0392b", ls="--", label=f"GPT-2 {reference['gpt2_core']}")
+    # rows differ in the third decimal: start the axis near the lowest bar, not at 0
+    lows = [v - lo for v, lo in zip(values, low, strict=True)] + [reference["gpt2_core"]]
+    ax.set_ylim(max(0.0, min(lows) - 0.02), max(v + hi for v, hi in zip(values, high, strict=True)) + 0.01)
     ax.set(ylabel="CORE", title="CORE per row (grey: published; orange: partial; whiskers: seeds' range)")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     ax.legend(fontsize=8)
@@ -263,7 +270,8 @@ def formatted(table):
     """The details table as people read it: rounded numbers, FLOPs in scientific notation."""
     shown = table.copy()
     for col, spec in (("total_training_time_s", ".0f"), ("total_training_time_h", ".2f"),
-                      ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("cost_usd", ".2f")):
+                      ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("core_std", ".4f"),
+                      ("core_min", ".4f"), ("core_max", ".4f"), ("cost_usd", ".2f")):
         if col in shown:
             shown[col] = [None if pd.isna(v) else format(v, spec) for v in shown[col]]
     return shown
@@ -295,7 +303,7 @@ def to_html(board, table, made, refused=()):
              "div.scroll{overflow-x:auto}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ddd;"
              "padding:4px 8px;text-align:left}th{background:#f4f6f8}tr:nth-child(even){background:#fafafa}"
-             "img{max-width:100%;margin:0.5em 0}code{font-size:12px}")
+             "img{max-width:100%;margin:0.5em 0}code{font-size:12px}td{white-space:nowrap}")
     images = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' "
                      f"src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}'>"
                      for name, p in made.items())

@@ -3,8 +3,12 @@ import csv
 import hashlib
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import yaml
 
@@ -50,7 +54,7 @@ def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, dev
                        {"train_summary.json": store.json_text(summary),
                         "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)},
                        params={"depth": depth, **({"seed": seed} if seed is not None else {})},
-                       resolved={"flops_per_token": 4.9451e9, "total_batch_size": 524288})
+                       resolved={"flops_per_token": 4.9451e9 * depth / 24, "total_batch_size": 524288})
         trains.append(train)
         cores.append(sealed(store_root, "core", tag[16:32], {"core.json": store.json_text(core)},
                             inputs=[f"train/{train.name}"]))
@@ -283,3 +287,18 @@ def test_import_never_overwrites_a_different_row(tmp_path):
 def test_import_of_a_directory_without_rows_says_what_a_row_is(tmp_path):
     with pytest.raises(report.StageError, match="no row to import"):
         provenance.import_results(tmp_path, tmp_path / "imported", tmp_path / "store")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (scripts/system-deps installs it)")
+def test_the_page_renders_in_headless_chromium(built, tmp_path):
+    out, _ = built
+    shot = tmp_path / "page.png"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "report_screenshot.py"), str(out / "leaderboard.html"),
+                           "--out", str(shot), "--height", "1600"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1600, 1280)
+    ink = (pixels.min(axis=2) < 0.9).mean()   # text, table rules and figures, not an empty white page
+    blue = ((pixels[..., 2] - pixels[..., 0]) > 0.3).mean()   # the figures' colours came through
+    assert ink > 0.03 and blue > 0.001, (ink, blue)
