@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)  # `pipeline` imports from the checkout wit
 from pipeline import config as pipeline_config  # noqa: E402
 from pipeline import launch as pipeline_launch  # noqa: E402
 from pipeline import plan as pipeline_plan  # noqa: E402
+from pipeline import resources as pipeline_resources  # noqa: E402
 
 try:
     CFG = pipeline_config.check(config)
@@ -58,3 +59,16 @@ def row_dirs(stage):
     """Input function: a row's store directories for one stage."""
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
 
+
+def job_threads(stage):
+    """Threads function: the CPUs a stage's job would like (Snakemake caps them by --cores / --max-threads)."""
+    return lambda w: pipeline_resources.threads(stage, PLAN.spec(stage, w.key))
+
+
+def job_resources(stage):
+    """`resources: **job_resources(stage)`: every scheduler resource, from the job's spec and capped threads."""
+
+    def one(name):
+        return lambda w, threads: pipeline_resources.job(stage, PLAN.spec(stage, w.key), threads)[name]
+
+    return {name: one(name) for name in pipeline_resources.NAMES}

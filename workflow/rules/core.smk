@@ -11,10 +11,9 @@ rule bundle:
         f"{BENCHMARKS}/bundle/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: job_threads("bundle")
     resources:
-        mem_mb=2000,
-        runtime=60,
+        **job_resources("bundle"),
     shell:
         "python -m pipeline.bundle --spec {params.spec:q} --out {output:q} --work {params.work:q} > {log} 2>&1"
 
@@ -26,18 +25,18 @@ rule core:
     output:
         directory(f"{STORE}/core/{{key}}"),
     params:
-        command=lambda w, input, output: pipeline_launch.core_command(PLAN.spec("core", w.key), input, output, WORK),
+        command=lambda w, input, output, threads: pipeline_launch.core_command(
+            PLAN.spec("core", w.key), input, output, WORK, threads
+        ),
     log:
         f"{LOGS}/core/{{key}}.log",
     benchmark:
         f"{BENCHMARKS}/core/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: job_threads("core")
     resources:
-        gpu=lambda w: pipeline_launch.gpus(PLAN.spec("core", w.key)),
-        mem_mb=32000,
-        runtime=4 * 60,
+        **job_resources("core"),
     shell:
         "{params.command} > {log} 2>&1"
 

@@ -11,10 +11,9 @@ rule download:
         f"{BENCHMARKS}/download/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: 2
+    threads: job_threads("download")
     resources:
-        mem_mb=2000,
-        runtime=120,
+        **job_resources("download"),
     shell:
         "python -m pipeline.download --spec {params.spec:q} --out {output:q}"
         " --work {params.work:q} --threads {threads} > {log} 2>&1"

@@ -13,10 +13,9 @@ rule pretokenize:
         f"{BENCHMARKS}/pretokenize/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: job_threads("pretokenize")
     resources:
-        mem_mb=16000,
-        runtime=120,
+        **job_resources("pretokenize"),
     shell:
         "python -m pipeline.pretokenize --spec {params.spec:q} --out {output:q}"
         " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"

@@ -13,10 +13,9 @@ rule tokenizer:
         f"{BENCHMARKS}/tokenizer/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: job_threads("tokenizer")
     resources:
-        mem_mb=32000,
-        runtime=60,
+        **job_resources("tokenizer"),
     shell:
         "RAYON_NUM_THREADS={threads} python -m pipeline.tokenizer --spec {params.spec:q} --out {output:q}"
         " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"

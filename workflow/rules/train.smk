@@ -5,8 +5,8 @@ rule train:
     output:
         directory(f"{STORE}/train/{{key}}"),
     params:
-        command=lambda w, input, output: pipeline_launch.train_command(
-            PLAN.spec("train", w.key), input, output, WORK
+        command=lambda w, input, output, threads: pipeline_launch.train_command(
+            PLAN.spec("train", w.key), input, output, WORK, threads
         ),
     log:
         f"{LOGS}/train/{{key}}.log",
@@ -14,11 +14,9 @@ rule train:
         f"{BENCHMARKS}/train/{{key}}.tsv"
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: job_threads("train")
     resources:
-        gpu=lambda w: pipeline_launch.gpus(PLAN.spec("train", w.key)),
-        mem_mb=64000,
-        runtime=24 * 60,
+        **job_resources("train"),
     shell:
         "{params.command} > {log} 2>&1"
 
