@@ -55,6 +55,7 @@
         inherit (pyproject.project) version;
         srcs = map fetch (lockedFiles variant);
         dontUnpack = true;
+        dontStrip = true; # the wheels' libraries are vendor builds, used as shipped
         # python's setup hook puts pip and setuptools on PYTHONPATH (setuptools builds the one sdist).
         nativeBuildInputs = [ python python.pkgs.pip python.pkgs.setuptools python.pkgs.wheel pkgs.autoPatchelfHook ]
           ++ (if variant == "cuda" then [ pkgs.addDriverRunpath ] else [ ]);
@@ -66,8 +67,10 @@
           runHook preInstall
           mkdir dist
           for f in $srcs; do cp "$f" "dist/$(stripHash "$f")"; done
-          ${python.interpreter} -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir \
-            --prefix "$out" dist/*
+          # --ignore-installed: the lock's own setuptools and packaging go into $out; without it pip
+          # would try to uninstall the build's copies from the read-only store instead.
+          ${python.interpreter} -m pip install --no-index --no-deps --no-build-isolation --ignore-installed \
+            --no-cache-dir --disable-pip-version-check --prefix "$out" dist/*
           runHook postInstall
         '';
         # NixOS puts the driver's libraries in /run/opengl-driver/lib; this adds it to their search path.

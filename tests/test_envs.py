@@ -73,6 +73,9 @@ def flake_pins():
     project = pyproject()["project"]
     reqs = list(project["dependencies"])
     for extra in wheel_lock()["extras"]:
+        assert extra in project.get("optional-dependencies", {}), (
+            f"envs/wheels.json locks the extra {extra!r}, which pyproject.toml lacks: rerun envs/lock-wheels"
+        )
         reqs += project["optional-dependencies"][extra]
     return parse_pins(reqs, "pyproject.toml")
 
@@ -202,6 +205,8 @@ def test_flake_provides_exactly_the_locked_pinned_environment(outputs, kind, var
     assert env["pythonVersion"] in SpecifierSet(pyproject()["project"]["requires-python"])
     (module,) = env["modules"]
     assert module["pythonModule"] == "python311", "site-packages not marked as a module of its python"
+    # The build installs the fetched files and nothing else: no index, no dependency resolution.
+    assert re.search(r"pip install --no-index --no-deps .*dist/\*", " ".join(module["installPhase"].split()))
 
     files = module["files"]
     for f in files:

@@ -58,9 +58,11 @@ def smoke_run(tmp_path_factory):
         targets = ("results/smoke/token_shards.json", "results/smoke/train_summary.json", "results/smoke/core.json",
                    "reports/leaderboard.md")
         first = snakemake(work, *targets)
+        first_board = (work / "reports" / "leaderboard.md").read_text() if first.returncode == 0 else ""
         second = snakemake(work, *targets)
         requested = sorted(name for name, _ in server.requests)
-    return {"dir": work, "cfg": cfg, "first": first, "second": second, "requested": requested}
+    return {"dir": work, "cfg": cfg, "first": first, "first_board": first_board, "second": second,
+            "requested": requested}
 
 
 def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
@@ -86,17 +88,16 @@ def test_smoke_chain_runs_from_loopback_downloads_to_token_shards(smoke_run):
     assert all(t["items"] == 8 for t in core["tasks"].values())
     chain = json.loads((work / "results" / "smoke" / "manifest.json").read_text())["chain"]
     assert set(chain) == {"download", "tokenizer", "pretokenize", "train", "bundle", "core"}
-    board = (work / "reports" / "leaderboard.md").read_text()
+    board = smoke_run["first_board"]   # the page drawn by the same run that made the row
     assert re.search(r"^\| smoke \| 0\.00 \| 3\.\d+ \| -?0\.\d+ \(partial: 18 tasks\) \|", board, re.M)
     assert "| d26_fp8 |" not in board and "| 2 (ours) | not run |" in board
 
 
 def test_second_run_does_nothing(smoke_run):
-    """No stage runs again. Only the report may be rebuilt once: in the first run its input list (the
-    result files present when the DAG was built) was still empty."""
+    """Nothing runs again, the report included."""
     out = smoke_run["second"]
     assert out.returncode == 0
-    assert set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M)) <= {"report", "all"}
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stderr[-2000:]
     third = snakemake(smoke_run["dir"], "results/smoke/core.json", "reports/leaderboard.md")
     assert "Nothing to be done" in third.stdout + third.stderr
 
@@ -199,3 +200,26 @@ def test_snakemake_report_carries_the_leaderboard(smoke_run):
     assert out.returncode == 0, out.stderr[-2000:]
     page = (smoke_run["dir"] / "report.html").read_text(errors="replace")
     assert "leaderboard.md" in page and "core_per_row.png" in page
+
+
+def test_a_row_with_seeds_trains_and_evaluates_once_per_seed(smoke_run):
+    """Beside the smoke row, on its data: two seeds, each its own train and core key, one row on the page."""
+    cfg = json.loads(json.dumps(smoke_run["cfg"]))
+    cfg["rows"]["smoke_seeds"] = {**cfg["rows"]["smoke"], "seeds": [1, 2], "description": "smoke, two seeds",
+                                  "train": {**cfg["rows"]["smoke"]["train"], "num_iterations": 10}}
+    write_config(smoke_run["dir"], cfg, "seeds.yaml")
+    work = smoke_run["dir"]
+    out = snakemake(work, "results/smoke_seeds/train_summary.json", "results/smoke_seeds/core.json",
+                    "reports/leaderboard.md", config="seeds.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M)
+    assert jobs.count("train") == 2 and jobs.count("core") == 2
+    assert not {"download", "tokenizer", "pretokenize"} & set(jobs)       # the smoke row's data, reused
+    core = json.loads((work / "results" / "smoke_seeds" / "core.json").read_text())
+    assert [r["seed"] for r in core["runs"]] == [1, 2]
+    assert core["runs"][0]["core"]["core_metric"] != core["runs"][1]["core"]["core_metric"]   # really two models
+    assert core["core_metric"] == pytest.approx(sum(r["core"]["core_metric"] for r in core["runs"]) / 2)
+    summary = json.loads((work / "results" / "smoke_seeds" / "train_summary.json").read_text())
+    assert [r["train_summary"]["step"] for r in summary["runs"]] == [10, 10]
+    md = (work / "reports" / "leaderboard.md").read_text()   # drawn after the seeds' results, in the same run
+    assert re.search(r"^\| smoke_seeds \| 0\.00 \| [0-9.]+ \| -?[0-9.]+ ± [0-9.]+ \(2 seeds\) \(partial", md, re.M), md

@@ -11,6 +11,7 @@ let
     pythonModule = m.pythonModule or null;
     tools = map (t: t.name or t.kind) (m.nativeBuildInputs ++ m.buildInputs);
     files = map (f: { inherit (f) kind name url sha256; }) m.srcs;
+    inherit (m) installPhase;
   };
   env = e: {
     inherit (e) kind python pythonVersion;

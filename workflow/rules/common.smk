@@ -1,5 +1,6 @@
 # Shared by every rule: the checked config, the plan (the only source of store keys) and helpers
 # that turn a {key} wildcard into the spec, inputs and command line of its stage.
+import glob
 import json
 import os
 import re
@@ -72,3 +73,12 @@ def job_resources(stage):
         return lambda w, threads: pipeline_resources.job(stage, PLAN.spec(stage, w.key), threads)[name]
 
     return {name: one(name) for name in pipeline_resources.NAMES}
+
+
+def report_rows(wildcards):
+    """Row files the leaderboard reads: those already there, and those this very run was asked for
+    (else a run that trains a row and rebuilds the page would draw the page first, without the row)."""
+    targets = getattr(workflow.dag_settings, "targets", None) or DEFAULT_TARGETS  # snakemake 9's CLI targets
+    requested = [t for t in targets if re.fullmatch(r"results/[^/]+/(core|train_summary)\.json", str(t))]
+    present = glob.glob("results/*/core.json") + glob.glob("results/*/train_summary.json")
+    return sorted(set(present + requested + glob.glob("results/imported/*/core.json")))

@@ -1,15 +1,8 @@
-import glob
-
-
 rule report:
     """The leaderboard from whatever rows have results; never trains or evaluates anything itself."""
     input:
         reference=f"{workflow.basedir}/config/reference.yaml",
-        rows=lambda w: sorted(
-            glob.glob("results/*/core.json")
-            + glob.glob("results/*/train_summary.json")
-            + glob.glob("results/imported/*/core.json")
-        ),
+        rows=report_rows,
     output:
         md=report("reports/leaderboard.md", caption="../report/leaderboard.rst", category="Leaderboard"),
         csv=report("reports/leaderboard.csv", caption="../report/leaderboard.rst", category="Leaderboard"),
