@@ -298,3 +298,37 @@ def test_flake_lock_pins_the_nixpkgs_branch_flake_nix_names(nix, tmp_path):
                "--offline", "--no-update-lock-file", f"path:{tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["locks"]["nodes"]["nixpkgs"]["locked"] == locked
+
+
+@needs_nix
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not found")
+@pytest.mark.parametrize("output", ["packages", "devShells"])
+def test_flake_evaluates_as_a_flake_in_a_git_checkout(nix, tmp_path, output):
+    """What `nix develop ./envs#cuda` does before building: Nix copies the checkout's tracked files to
+    the store and evaluates envs/ as a flake, purely, reading ../pyproject.toml from that copy. Here
+    the lock's nixpkgs is overridden by the stand-in, made a flake."""
+    repo = tmp_path / "repo"
+    (repo / "envs").mkdir(parents=True)
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    for name in ["flake.nix", "flake.lock", "wheels.json"]:
+        shutil.copy(ENVS / name, repo / "envs" / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "checkout"], cwd=repo, check=True)
+    stand_in = tmp_path / "stand-in"
+    stand_in.mkdir()
+    shutil.copy(ROOT / "tests" / "nix" / "stand-in-nixpkgs.nix", stand_in)
+    (stand_in / "flake.nix").write_text("{ outputs = _: import ./stand-in-nixpkgs.nix; }\n")
+
+    files = "e: map (f: f.name) (builtins.head e.modules).srcs"
+    envs = "(o: o.packages)" if output == "devShells" else "(o: [ o ])"
+    proc = nix("nix", "--extra-experimental-features", "nix-command flakes", "eval", "--json", "--offline",
+               "--no-write-lock-file", "--override-input", "nixpkgs", f"path:{stand_in}",
+               f"git+file://{repo}?dir=envs#{output}.x86_64-linux",
+               "--apply", f"builtins.mapAttrs (_: o: map ({files}) ({envs} o))", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert set(got) == {"cpu", "cuda", "default"}
+    for variant in ["cpu", "cuda"]:
+        assert got[variant] == [[f["file"] for f in wheel_lock()["variants"][variant]]]
