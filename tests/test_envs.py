@@ -143,6 +143,8 @@ def test_wheel_lock_entries_are_fetchable_and_hashed(variant):
         assert re.fullmatch(r"[0-9a-f]{64}", f["sha256"]), f
         assert f["url"].startswith("https://") and unquote(f["url"].rsplit("/", 1)[1]) == f["file"], f
         assert dist_of(f["file"]) == (f["name"], f["version"]), f
+    # The lock was resolved for today's pins: a pin dropped from pyproject.toml would still be marked.
+    assert {f["name"] for f in files if f["pinned"]} == set(flake_pins())
 
 
 # --- the Nix flake ------------------------------------------------------------------------------
