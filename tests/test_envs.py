@@ -56,8 +56,8 @@ def pin_mismatches(expected, actual):
     return sorted(out)
 
 
-def pyproject(root=ROOT):
-    return tomllib.loads((root / "pyproject.toml").read_text())
+def pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def runtime_pins():
