@@ -302,21 +302,17 @@ def squeue_all():
 
 
 @pytest.mark.slow
-def test_smoke_row_runs_through_slurm_and_matches_the_local_run(slurm_cluster, tmp_path, repo_config):
+def test_smoke_row_runs_through_slurm_and_matches_the_local_run(slurm_cluster, tmp_path, smoke_run):
     """Every heavy job is an sbatch job (an id, a SLURM log, COMPLETED in squeue); the light ones stay local;
-    core.json is byte for byte the local run's. Both runs use 2 threads per job (the node's CPUs and the
-    local --cores), so CPU training computes the same numbers."""
-    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
-    local_dir.mkdir(), slurm_dir.mkdir()
-    cfg = copy.deepcopy(repo_config)
+    core.json is byte for byte the local run's (conftest's smoke_run). Both runs use 2 threads per job (the
+    node's CPUs and the local --cores), so CPU training computes the same numbers."""
+    local_dir, slurm_dir = smoke_run["dir"], tmp_path / "slurm"
+    slurm_dir.mkdir()
+    cfg = copy.deepcopy(smoke_run["cfg"])
     cores = str(min(2, slurm_cluster["cpus"]))
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         cfg["datasets"]["webtext"]["base_url"] = server.url
-        write_config(local_dir, cfg)
         write_config(slurm_dir, cfg)
-        # the local reference runs beside the SLURM run, which mostly waits on the scheduler
-        local = subprocess.Popen(snakemake_cmd(local_dir, "--cores", cores, "results/smoke/core.json"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         # SIGTERM does not stop a Snakemake waiting on SLURM jobs: timeout -k
         slurm = subprocess.run(
             ["timeout", "-k", "10", "420", *snakemake_cmd(
@@ -325,10 +321,9 @@ def test_smoke_row_runs_through_slurm_and_matches_the_local_run(slurm_cluster, t
                 "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
                 "--seconds-between-status-checks", "3", "results/smoke/core.json")],
             capture_output=True, text=True, env=ENV)
-        local_out, _ = local.communicate(timeout=420)
     log = slurm.stdout + slurm.stderr
     assert slurm.returncode == 0, log[-4000:]
-    assert local.returncode == 0, local_out[-3000:]
+    assert smoke_run["first"].returncode == 0, smoke_run["first"].stderr[-3000:]
 
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+)\)", log)
     by_rule = {}

@@ -1,6 +1,5 @@
 # Shared by every rule: the checked config, the plan (the only source of store keys) and helpers
 # that turn a {key} wildcard into the spec, inputs and command line of its stage.
-import glob
 import json
 import os
 import re
@@ -56,6 +55,11 @@ def spec_json(stage):
     return lambda w: json.dumps(PLAN.spec(stage, w.key), sort_keys=True, separators=(",", ":"))
 
 
+def row_chain(row):
+    """[(stage, store directory)] of a row's whole chain, in chain order (seeds in order within a stage)."""
+    return [(stage, d) for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[row].get(stage, []))]
+
+
 def row_dirs(stage):
     """Input function: a row's store directories for one stage."""
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
@@ -75,10 +79,29 @@ def job_resources(stage):
     return {name: one(name) for name in pipeline_resources.NAMES}
 
 
+def existing_rows(filename, under="results"):
+    """Rows that have <under>/<row>/<filename>, looked up where this run keeps its files: the default
+    storage provider's prefix when there is one (--default-storage-provider), else the working directory."""
+    pattern, files = f"{under}/{{row}}/{filename}", None
+    provider = workflow.storage_registry.default_storage_provider
+    if provider is not None:
+        obj = provider.object(f"{workflow.storage_settings.default_storage_prefix.rstrip('/')}/{pattern}")
+        # the listing, not glob_wildcards(storage object): with the fs plugin that passes Paths to re.match
+        pattern, files = obj.query, [str(f) for f in obj.list_candidate_matches()]
+    return sorted(r for r in glob_wildcards(pattern, files=files).row if "/" not in r)
+
+
+# a published file and the one that the report reads beside it
+COMPANION = {"core.json": "manifest.json", "train_summary.json": "metrics.jsonl"}
+
+
 def report_rows(wildcards):
     """Row files the leaderboard reads: those already there, and those this very run was asked for
     (else a run that trains a row and rebuilds the page would draw the page first, without the row)."""
     targets = getattr(workflow.dag_settings, "targets", None) or DEFAULT_TARGETS  # snakemake 9's CLI targets
-    requested = [t for t in targets if re.fullmatch(r"results/[^/]+/(core|train_summary)\.json", str(t))]
-    present = glob.glob("results/*/core.json") + glob.glob("results/*/train_summary.json")
-    return sorted(set(present + requested + glob.glob("results/imported/*/core.json")))
+    files = {str(t) for t in targets if re.fullmatch(r"results/[^/]+/(core|train_summary)\.json", str(t))}
+    for name in COMPANION:
+        files |= {f"results/{row}/{name}" for row in existing_rows(name)}
+        files |= {f"results/imported/{row}/{name}" for row in existing_rows(name, "results/imported")}
+    files |= {os.path.join(os.path.dirname(f), COMPANION[os.path.basename(f)]) for f in files}
+    return sorted(files)

@@ -44,19 +44,21 @@ rule core:
 rule publish_row:
     """The row's public face: core.json, and manifest.json with every stage manifest of its chain."""
     input:
-        lambda w: [d for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[w.row].get(stage, []))],
+        lambda w: [d for _, d in row_chain(w.row)],
     output:
         core="results/{row}/core.json",
         manifest="results/{row}/manifest.json",
     params:
-        stages=lambda w: " ".join(
-            f"{stage}={d}" for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[w.row].get(stage, []))
+        # the paths this job sees (under .snakemake/storage/ with a storage provider), tagged with their stage
+        stages=lambda w, input: " ".join(
+            f"{stage}={path}" for (stage, _), path in zip(row_chain(w.row), input, strict=True)
         ),
+        out=lambda w, output: os.path.dirname(output.core),
         command=lambda w: f"snakemake --cores all results/{w.row}/core.json",
     log:
         f"{LOGS}/publish_row/{{row}}.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m pipeline.publish row --row {wildcards.row} --out results/{wildcards.row}"
+        "python -m pipeline.publish row --row {wildcards.row} --out {params.out:q}"
         " --command {params.command:q} {params.stages} > {log} 2>&1"
