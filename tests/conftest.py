@@ -128,6 +128,28 @@ def smoke_data(tmp_path_factory):
             "blocks": [store_dir(p.specs[k], cfg["store_dir"]) for k in keys["pretokenize"]]}
 
 
+# ----------------------------------------------------------------------------- the fault suite's summary line
+
+SUITE = {"fault": "faults injected", "bad_input": "bad inputs tried"}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: how many faults and bad inputs the run tried (tests marked fault / bad_input), and how
+    many of those tests passed, i.e. the pipeline survived or refused clearly."""
+    reports = [r for outcome in ("passed", "failed", "skipped") for r in terminalreporter.stats.get(outcome, [])
+               if getattr(r, "when", None) == "call" or (outcome == "skipped" and getattr(r, "when", None) == "setup")]
+    parts = []
+    for marker, what in SUITE.items():
+        marked = [r for r in reports if marker in r.keywords]
+        if marked:
+            ok = sum(r.outcome == "passed" for r in marked)
+            skipped = sum(r.outcome == "skipped" for r in marked)
+            parts.append(f"{len(marked) - skipped} {what} ({ok} handled" + (f", {skipped} skipped" if skipped else "")
+                         + ")")
+    if parts:
+        terminalreporter.write_line("fault suite: " + ", ".join(parts))
+
+
 # ----------------------------------------------------------------------------- Snakemake end to end
 
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
