@@ -34,7 +34,8 @@ def _bundle_root(folder):
     """The folder holding core.yaml: the top level, or the single folder the zip wraps it in."""
     hits = sorted(Path(folder).glob("core.yaml")) or sorted(Path(folder).glob("*/core.yaml"))
     if not hits:
-        raise StageError(f"no core.yaml in the eval bundle unpacked at {folder}")
+        raise StageError(f"no core.yaml in the eval bundle unpacked at {folder} (the bundle's url must be "
+                         "nanochat's eval_bundle.zip, or a folder holding core.yaml, eval_meta_data.csv, eval_data/)")
     return hits[0].parent
 
 
@@ -71,7 +72,8 @@ def run(spec, inputs, out, work, threads):
         resolved = {"source": "folder", "sha256": tree_digest(root)}
     else:
         info = download.fetch(url, work / "eval_bundle.zip", _verify_zip(params.get("sha256")),
-                              attempts=settings.get("attempts", 5), backoff_s=settings.get("backoff_s", 1.0))
+                              attempts=settings.get("attempts", 5), backoff_s=settings.get("backoff_s", 1.0),
+                              fix="check the core bundle's url (nanochat's eval_bundle.zip) and its sha256")
         shutil.rmtree(work / "unpacked", ignore_errors=True)
         root = unpacked(work / "eval_bundle.zip", work / "unpacked")
         resolved = {"source": "zip", "sha256": info["sha256"]}

@@ -56,8 +56,13 @@ def load_tasks(bundle):
             baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as e:
         raise StageError(f"{spec_path} or {meta_path}: cannot read the task list ({e})") from e
+    if not isinstance(entries, list):
+        raise StageError(f"{spec_path}: icl_tasks must be a list of tasks, not {type(entries).__name__}")
     tasks = []
     for n, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("dataset_uri"), str):
+            raise StageError(f"{spec_path}: icl_tasks entry #{n} needs a label, an icl_task_type and a "
+                             "dataset_uri (the task's file under eval_data/)")
         label = entry.get("label", f"#{n}")
         if entry.get("icl_task_type") not in TASK_TYPES:
             raise StageError(f"{spec_path}: task {label!r} has unknown icl_task_type "
@@ -73,24 +78,37 @@ def load_tasks(bundle):
 def load_items(task):
     """The task's items, checked line by line; an error names the file and the line."""
     items = []
-    with open(task.path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        # split on newlines only: JSON strings may hold U+2028, which splitlines() would cut at
+        lines = task.path.read_bytes().decode("utf-8").split("\n")
+    except FileNotFoundError as e:
+        raise StageError(f"{task.path}: task file of {task.label!r} is missing from the bundle") from e
+    except UnicodeDecodeError as e:
+        raise StageError(f"{task.path}: not UTF-8 text ({e.reason} at byte {e.start}); unpack the eval bundle "
+                         "again") from e
+    for n, line in enumerate(lines, 1):
+        if line.strip():
             where = f"{task.path}:{n}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise StageError(f"{where}: not valid JSON ({e.msg})") from e
+            if not isinstance(item, dict):
+                raise StageError(f"{where}: a {task.type} item is a JSON object with {', '.join(FIELDS[task.type])}"
+                                 f"; this line holds a {type(item).__name__}")
             missing = [k for k in FIELDS[task.type] if k not in item]
             if missing:
                 raise StageError(f"{where}: a {task.type} item needs {', '.join(missing)}")
             options = item.get("choices", item.get("context_options"))
-            if "gold" in item and not (isinstance(item["gold"], int) and 0 <= item["gold"] < len(options)):
+            if "gold" in item and not isinstance(options, list):
+                raise StageError(f"{where}: {'choices' if 'choices' in item else 'context_options'} must be a list")
+            gold = item.get("gold", 0)
+            # bool is an int to Python; `true` as an answer index is a broken line, not 1
+            if "gold" in item and not (type(gold) is int and 0 <= gold < len(options)):
                 raise StageError(f"{where}: gold {item['gold']!r} is not an index into its {len(options)} options")
             items.append(item)
     if not items:
-        raise StageError(f"{task.path}: no items")
+        raise StageError(f"{task.path}: no items (an empty task file; unpack the eval bundle again)")
     return items
 
 

@@ -12,9 +12,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline import cli, store, tokenizer
+from pipeline import cli, download, store, tokenizer
 from pipeline.store import StageError
 
 CHUNK_DOCS = 64  # documents per task: large enough to hide thread hand-off, small enough to balance
@@ -26,7 +25,7 @@ def token_dtype(vocab_size):
 
 def encode_shard(enc, path, pool, dtype):
     """(tokens, offsets) for one parquet shard; documents keep their parquet order."""
-    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    texts = tokenizer.read_texts(path)  # a shard that is not a nanochat shard is named, with the fix
     bos = np.array([enc.encode_single_token(tokenizer.BOS)], dtype=dtype)
 
     def encode_chunk(chunk):
@@ -35,7 +34,7 @@ def encode_shard(enc, path, pool, dtype):
         parts = []
         for text in chunk:
             parts.append(bos)
-            parts.append(enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False))
+            parts.append(tokenizer.encode_document(enc, text).astype(dtype, copy=False))
         tokens = np.concatenate(parts) if parts else np.empty(0, dtype)
         return tokens, np.array([len(p) for p in parts[1::2]], dtype=np.int64) + 1
 
@@ -52,6 +51,7 @@ def run(spec, inputs, out, work, threads):
     tok_dir, shard_dir = inputs
     enc = tokenizer.load(tok_dir)
     dtype = token_dtype(enc.n_vocab)
+    download.check_intact(shard_dir)
     paths = tokenizer.shard_files([shard_dir])
     if not paths:
         raise StageError(f"{shard_dir}: no shard_*.parquet files to pretokenize")
@@ -73,6 +73,10 @@ def run(spec, inputs, out, work, threads):
             index["shards"].append({"name": stem, "documents": len(offsets) - 1, "tokens": int(len(tokens))})
             print(f"{path.name}: {len(offsets) - 1} documents, {len(tokens)} tokens", file=sys.stderr)
     index["documents"] = sum(s["documents"] for s in index["shards"])
+    if not index["documents"]:  # training or validation would find nothing to read, much later
+        raise StageError(f"{shard_dir}: every shard is empty ({', '.join(p.name for p in paths)}); check the "
+                         "dataset's shards, e.g. fetch them again with `python -m pipeline.download --repair "
+                         f"{shard_dir}`")
     index["tokens"] = sum(s["tokens"] for s in index["shards"])
     store.write_json(work / "index.json", index)
     store.seal(spec, files + ["index.json"], work, out, resolved={k: index[k] for k in ("documents", "tokens")},

@@ -10,16 +10,19 @@ cropped to `doc_cap` characters (nanochat's tok_train). Written files:
 
 import base64
 import json
+import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import rustbpe
 import tiktoken
 
-from pipeline import cli, store
+from pipeline import cli, download, store
 from pipeline.store import StageError
 
 # Numbers split into groups of at most 2 digits (\p{N}{1,2}, not GPT-4's {1,3}): nanochat measured a
@@ -37,13 +40,44 @@ def shard_files(dirs):
     return sorted((p for d in dirs for p in Path(d).glob("shard_*.parquet")), key=lambda p: p.name)
 
 
+def _refuse(path, what):
+    return StageError(f"{path}: {what}; nanochat shards are parquet files with a 'text' column of UTF-8 strings "
+                      "(fetch the shard again: `python -m pipeline.download --repair <its download directory>`)")
+
+
+def read_row_groups(path):
+    """The `text` of each row group of one shard, as Python strings; a shard that is not what a
+    nanochat shard is raises StageError naming the file and what is wrong with it."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for bytes that are not parquet
+        raise _refuse(path, f"not a parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        raise _refuse(path, f"no 'text' column (columns: {', '.join(names) or 'none'})")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise _refuse(path, f"the 'text' column holds {kind}, not strings")
+    for i in range(pf.num_row_groups):
+        try:
+            yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+        except UnicodeDecodeError as e:
+            raise _refuse(path, f"row group {i} of 'text' is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        except Exception as e:
+            raise _refuse(path, f"row group {i} cannot be read ({e})") from e
+
+
+def read_texts(path):
+    """Every document of one shard, in order."""
+    return [text for group in read_row_groups(path) for text in group]
+
+
 def iter_texts(paths, max_chars=None, doc_cap=None, batch=None):
     """Documents of `paths` in order, cropped to doc_cap, until max_chars have been yielded."""
     total = 0
     for path in paths:
-        pf = pq.ParquetFile(path)
-        for i in range(pf.num_row_groups):
-            for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
+        for group in read_row_groups(path):
+            for text in group:
                 text = text[:doc_cap] if doc_cap else text
                 yield text
                 total += len(text)
@@ -57,7 +91,33 @@ def train_bpe(texts, vocab_size):
         raise StageError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-    return {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+    ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
+    if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
+        # rustbpe stops when no pair repeats; a smaller vocabulary than configured would go unnoticed
+        raise StageError(f"the training text gave only {len(ranks) - 256} of the {vocab_size - 265} merges that "
+                         f"vocab_size {vocab_size} needs; give the tokenizer more text (train_shards, max_chars) "
+                         "or a smaller vocab_size")
+    return ranks
+
+
+# Longest whitespace run handed to tiktoken in one piece: its regex gives up on runs of about 1M
+# characters ("Max stack size exceeded for backtracking"); a piece this long tokenizes in a millisecond.
+WHITESPACE_PIECE = 1 << 16
+LONG_WHITESPACE = re.compile(rf"\s{{{WHITESPACE_PIECE + 1},}}")
+
+
+def encode_document(enc, text):
+    """Tokens of one document (special-token text encoded as ordinary text), as a numpy array.
+    A document with a whitespace run of over 64K characters is encoded in pieces cut inside those runs:
+    the tokens still decode to the exact text; only the merges across each cut may differ."""
+    if not LONG_WHITESPACE.search(text):
+        return enc.encode_to_numpy(text, disallowed_special=())
+    cuts = [0]
+    for m in LONG_WHITESPACE.finditer(text):
+        cuts += range(m.start() + WHITESPACE_PIECE, m.end(), WHITESPACE_PIECE)
+    cuts.append(len(text))
+    return np.concatenate([enc.encode_to_numpy(text[a:b], disallowed_special=())
+                           for a, b in zip(cuts, cuts[1:], strict=False) if b > a])
 
 
 def encoding(ranks, special_tokens, pattern=SPLIT_PATTERN, name="speedrun"):
@@ -98,10 +158,16 @@ def token_bytes(enc):
 
 
 def compression(enc, paths, threads):
+    if not paths:
+        raise StageError("no validation shard (shard_*.parquet) in the tokenizer's last input directory")
     texts = list(iter_texts(paths))
-    ids = enc.encode_ordinary_batch(texts, num_threads=threads)
+    if not any(texts):
+        raise StageError(f"{', '.join(map(str, paths))}: the validation shard holds no text, so compression and "
+                         "bits per byte cannot be measured; check the dataset's val_shard (its last shard) and "
+                         "fetch it again")
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # tiktoken releases the GIL while it encodes
+        ntokens = sum(len(ids) for ids in pool.map(lambda t: encode_document(enc, t), texts))
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    ntokens = sum(map(len, ids))
     return {"val_documents": len(texts), "val_bytes": nbytes, "val_chars": sum(map(len, texts)),
             "val_tokens": ntokens, "bytes_per_token": nbytes / max(ntokens, 1)}
 
@@ -109,6 +175,8 @@ def compression(enc, paths, threads):
 def run(spec, inputs, out, work, threads):
     params = spec["params"]
     *train_dirs, val_dir = inputs
+    for d in inputs:
+        download.check_intact(d)
     train_paths = shard_files(train_dirs)[: params["train_shards"]]
     if not train_paths:
         raise StageError(f"no train shards found in {', '.join(map(str, train_dirs))}")
@@ -121,7 +189,13 @@ def run(spec, inputs, out, work, threads):
             chars[0] += len(text)
             yield text
 
-    ranks = train_bpe(counted(), params["vocab_size"])
+    try:
+        ranks = train_bpe(counted(), params["vocab_size"])
+    except StageError:
+        if not chars[0]:  # the real cause, rather than "too few merges"
+            raise StageError(f"the train shards hold no text: {', '.join(map(str, train_paths))}; check the "
+                             "dataset's shards (the download stage's files)") from None
+        raise
     train_time = time.time() - t0
     enc = save(work, ranks)
     tb = token_bytes(enc)
