@@ -102,13 +102,16 @@ def verify_shard(path, sha256=None):
     try:
         pf = pq.ParquetFile(path)
         if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
+            raise ValueError(f"no 'text' column (columns: {', '.join(pf.schema_arrow.names) or 'none'})")
         kind = pf.schema_arrow.field("text").type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise ValueError(f"the 'text' column holds {kind}, not strings")
         for i in range(pf.num_row_groups):
-            # full validation checks the UTF-8 that a plain read lets through
-            pf.read_row_group(i, columns=["text"]).column("text").validate(full=True)
+            column = pf.read_row_group(i, columns=["text"]).column("text")
+            try:  # full validation checks the UTF-8 that a plain read lets through
+                column.validate(full=True)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"row group {i} of 'text' is not valid UTF-8 ({e})") from e
     except Exception as e:  # pyarrow raises several types for bytes that are not parquet
         raise BadBodyError(f"not a valid nanochat shard: {e}") from e
     if sha256 is not None and (digest := store.sha256_file(path)) != sha256:

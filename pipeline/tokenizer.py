@@ -85,6 +85,10 @@ def iter_texts(paths, max_chars=None, doc_cap=None, batch=None):
                     return
 
 
+class TooFewMerges(StageError):
+    """The text ran out of repeated pairs before the vocabulary was full."""
+
+
 def train_bpe(texts, vocab_size):
     """Merges for vocab_size - len(SPECIAL_TOKENS) byte-level tokens; returns {token bytes: rank}."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -94,7 +98,7 @@ def train_bpe(texts, vocab_size):
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
     if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
         # rustbpe stops when no pair repeats; a smaller vocabulary than configured would go unnoticed
-        raise StageError(f"the training text gave only {len(ranks) - 256} of the {vocab_size - 265} merges that "
+        raise TooFewMerges(f"the training text gave only {len(ranks) - 256} of the {vocab_size - 265} merges that "
                          f"vocab_size {vocab_size} needs; give the tokenizer more text (train_shards, max_chars) "
                          "or a smaller vocab_size")
     return ranks
@@ -191,7 +195,7 @@ def run(spec, inputs, out, work, threads):
 
     try:
         ranks = train_bpe(counted(), params["vocab_size"])
-    except StageError:
+    except TooFewMerges:
         if not chars[0]:  # the real cause, rather than "too few merges"
             raise StageError(f"the train shards hold no text: {', '.join(map(str, train_paths))}; check the "
                              "dataset's shards (the download stage's files)") from None
