@@ -33,6 +33,7 @@ def test_seed_rows_carry_the_leaderboard_flags(repo_config):
     assert {"d12", "smoke"} <= set(rows)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("edit, where, what", [
     (lambda c: c["rows"]["d26_fp8"].update(dataset="fineweb"), "rows.d26_fp8.dataset", "unknown dataset 'fineweb'"),
     (lambda c: c["rows"]["smoke"]["train"].update(depth=3), "rows.smoke.train.depth", "multiple of 2"),
@@ -64,6 +65,7 @@ def test_bad_config_is_refused_naming_row_and_field(repo_config, edit, where, wh
     assert what in line
 
 
+@pytest.mark.bad_input
 def test_every_problem_is_listed_not_just_the_first(repo_config):
     def two(c):
         c["rows"]["smoke"]["train"]["depth"] = 5
@@ -72,6 +74,7 @@ def test_every_problem_is_listed_not_just_the_first(repo_config):
     assert "rows.smoke.train.depth" in msg and "rows.d12.train.depth" in msg
 
 
+@pytest.mark.bad_input
 def test_load_names_a_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         config.load(tmp_path / "absent.yaml")

@@ -129,6 +129,7 @@ def test_the_mini_bundle_has_18_of_22_tasks(mini):
         ("multiple_choice", 10, "\nAnswer: ", 62.0)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("line, message", [
     ('{"query": "q", "choices": ["a"], "gold": 3}', "gold 3 is not an index into its 1 options"),
     ('{"query": "q", "choices": ["a", "b"]', "not valid JSON"),
@@ -142,6 +143,7 @@ def test_bad_task_lines_name_the_file_and_line(mini, line, message):
         core_tasks.load_items(arc)
 
 
+@pytest.mark.bad_input
 def test_unknown_task_type_names_core_yaml(mini):
     text = (mini / "core.yaml").read_text().replace("icl_task_type: schema", "icl_task_type: essay", 1)
     (mini / "core.yaml").write_text(text)
@@ -163,6 +165,7 @@ def scorer_for(smoke_data, batch_tokens):
     return core.Scorer(model.eval(), bos, torch.device("cpu"), batch_tokens), enc, bos
 
 
+@pytest.mark.bad_input
 def test_a_missing_task_file_is_an_error_unless_allowed(smoke_data, mini):
     scorer, enc, bos = scorer_for(smoke_data, 4096)
     tasks = core_tasks.load_tasks(mini)

@@ -18,6 +18,7 @@ def same_as_source(path):
     return store.sha256_file(path) == store.sha256_file(WEBTEXT / SHARD)
 
 
+@pytest.mark.fault
 def test_server_that_fails_twice_then_succeeds(shard_server, tmp_path):
     shard_server.faults[SHARD] = ["500", "500"]
     info = fetch(shard_server, tmp_path)
@@ -26,6 +27,7 @@ def test_server_that_fails_twice_then_succeeds(shard_server, tmp_path):
     assert same_as_source(tmp_path / SHARD)
 
 
+@pytest.mark.fault
 def test_body_cut_short_is_resumed_with_a_range_request(shard_server, tmp_path):
     shard_server.faults[SHARD] = ["cut"]
     info = fetch(shard_server, tmp_path)
@@ -37,6 +39,7 @@ def test_body_cut_short_is_resumed_with_a_range_request(shard_server, tmp_path):
     assert not (tmp_path / (SHARD + ".part")).exists()
 
 
+@pytest.mark.fault
 def test_non_parquet_body_fails_naming_url_and_reason(shard_server, tmp_path):
     shard_server.faults[SHARD] = ["garbage"] * 10
     with pytest.raises(StageError) as err:
@@ -47,12 +50,14 @@ def test_non_parquet_body_fails_naming_url_and_reason(shard_server, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither a final file nor a partial one
 
 
+@pytest.mark.fault
 def test_non_parquet_body_once_is_retried(shard_server, tmp_path):
     shard_server.faults[SHARD] = ["garbage"]
     assert fetch(shard_server, tmp_path)["attempts"] == 2
     assert same_as_source(tmp_path / SHARD)
 
 
+@pytest.mark.fault
 def test_missing_shard_fails_at_once(shard_server, tmp_path):
     with pytest.raises(StageError, match="HTTP 404"):
         download.fetch_shard(f"{shard_server.url}/shard_09999.parquet", tmp_path / "x.parquet",
@@ -60,6 +65,7 @@ def test_missing_shard_fails_at_once(shard_server, tmp_path):
     assert len(shard_server.requests) == 1
 
 
+@pytest.mark.fault
 def test_stalled_server_times_out_and_retries(shard_server, tmp_path):
     shard_server.faults[SHARD] = ["stall"]
     info = fetch(shard_server, tmp_path, timeout=0.5)
@@ -67,6 +73,7 @@ def test_stalled_server_times_out_and_retries(shard_server, tmp_path):
     assert same_as_source(tmp_path / SHARD)
 
 
+@pytest.mark.fault
 def test_partial_file_left_by_a_kill_is_resumed(shard_server, tmp_path):
     part = tmp_path / (SHARD + ".part")
     part.write_bytes((WEBTEXT / SHARD).read_bytes()[:1000])
@@ -97,6 +104,7 @@ def test_stage_writes_verified_shards_and_manifest(shard_server, smoke_config, t
     assert not work.exists()  # scratch is dropped once the store holds the files
 
 
+@pytest.mark.fault
 def test_stage_failure_leaves_no_manifest_and_no_final_file(shard_server, smoke_config, tmp_path):
     shard_server.faults["shard_00002.parquet"] = ["garbage"] * 10
     spec = _spec(smoke_config, shard_server.url)
@@ -113,6 +121,7 @@ def test_stage_failure_leaves_no_manifest_and_no_final_file(shard_server, smoke_
     assert store.verify(out) == []
 
 
+@pytest.mark.fault
 def test_cli_reports_a_permanent_failure_in_one_line(shard_server, smoke_config, tmp_path, capsys):
     spec = _spec(smoke_config, shard_server.url, shards=[3])  # not shipped: the server answers 404
     rc = download.main(["--spec", json.dumps(spec), "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")])

@@ -68,6 +68,7 @@ def test_training_reads_only_max_chars_cropped_to_doc_cap():
     assert 100_000 <= sum(map(len, texts)) < 100_500
 
 
+@pytest.mark.bad_input
 def test_training_is_deterministic_and_refuses_a_tiny_vocab():
     texts = list(tokenizer.iter_texts([WEBTEXT / "shard_00000.parquet"], max_chars=300_000))
     assert tokenizer.train_bpe(iter(texts), 600) == tokenizer.train_bpe(iter(texts), 600)
@@ -75,6 +76,7 @@ def test_training_is_deterministic_and_refuses_a_tiny_vocab():
         tokenizer.train_bpe(iter(texts), 260)
 
 
+@pytest.mark.bad_input
 def test_a_damaged_tokenizer_directory_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(StageError, match=str(tmp_path)):
