@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import plan, store
+from pipeline import keylock, plan, store
 from pipeline.store import StageError
 
 DEFAULT_STORE = "results/store"
@@ -82,13 +82,14 @@ def _run_specs(stage, ap, run, args, specs_from_args):
         inputs = args.inputs if args.inputs and args.spec else [store_root / r for r in spec["inputs"]]
         if len(inputs) != len(spec["inputs"]):
             raise StageError(f"--inputs gave {len(inputs)} directories; the spec reads {len(spec['inputs'])}")
-        if (out / store.MANIFEST).exists():
-            print(f"{stage} {spec['key']}: up to date ({out})", file=sys.stderr)
-            continue
-        t0 = time.time()
-        for d in inputs:
-            store.read_manifest(d)  # refuse an input whose stage did not finish
-        run(spec, inputs=[Path(d) for d in inputs], out=out, work=store.work_dir(spec, work_root),
-            threads=max(1, args.threads))
+        with keylock.held(work_root, f"{stage}-{spec['key']}"):  # a second copy waits, then finds it done
+            if (out / store.MANIFEST).exists():
+                print(f"{stage} {spec['key']}: up to date ({out})", file=sys.stderr)
+                continue
+            t0 = time.time()
+            for d in inputs:
+                store.read_manifest(d)  # refuse an input whose stage did not finish
+            run(spec, inputs=[Path(d) for d in inputs], out=out, work=store.work_dir(spec, work_root),
+                threads=max(1, args.threads))
         print(f"{stage} {spec['key']}: done in {time.time() - t0:.1f}s -> {out}", file=sys.stderr)
     return 0

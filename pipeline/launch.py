@@ -70,19 +70,25 @@ def gpus(spec):
 
 def train_command(spec, inputs, out, work, threads=None):
     """The whole shell command for a train spec (OMP_NUM_THREADS=1 as nanochat runs it under torchrun)."""
-    return _shell(launcher(spec, threads=threads) + train_argv(spec, inputs, out, work))
+    return _shell(locked(spec, out, work, launcher(spec, threads=threads) + train_argv(spec, inputs, out, work)))
 
 
 def core_command(spec, inputs, out, work, threads=None):
     """The core stage's command: its items are split over the same processes as training."""
     argv = ["--spec", json.dumps(spec, sort_keys=True, separators=(",", ":")), "--inputs", *map(str, inputs),
             "--out", str(out), "--work", str(work)]
-    return _shell(launcher(spec, "pipeline.core", threads=threads) + argv)
+    return _shell(locked(spec, out, work, launcher(spec, "pipeline.core", threads=threads) + argv))
+
+
+def locked(spec, out, work, cmd):
+    """`cmd` under the key's lock (pipeline.keylock): one holder for all the ranks it starts."""
+    return ["python", "-m", "pipeline.keylock", "--work", str(work), "--name", f"{spec['stage']}-{spec['key']}",
+            "--done", os.path.join(str(out), "manifest.json"), "--", *cmd]
 
 
 def _shell(cmd):
     # the multinode wrapper sets it itself, for the torchruns it starts on every node
-    prefix = "OMP_NUM_THREADS=1 " if cmd[0] == "torchrun" else ""
+    prefix = "OMP_NUM_THREADS=1 " if "torchrun" in cmd else ""
     return prefix + " ".join(shlex.quote(c) for c in cmd)
 
 

@@ -128,6 +128,12 @@ def smoke_data(tmp_path_factory):
             "blocks": [store_dir(p.specs[k], cfg["store_dir"]) for k in keys["pretokenize"]]}
 
 
+def unlocked(cmd):
+    """A train or core shell command without its pipeline.keylock wrapper (tested on its own)."""
+    return re.sub(r"^(OMP_NUM_THREADS=1 )?python -m pipeline\.keylock --work \S+ --name \S+ --done \S+ -- ", r"\1",
+                  cmd)
+
+
 # ----------------------------------------------------------------------------- the fault suite's summary line
 
 SUITE = {"fault": "faults injected", "bad_input": "bad inputs tried"}

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, ShardServer
+from conftest import REPO, ShardServer, unlocked
 from pipeline import config, launch, plan, resources
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -46,7 +46,7 @@ def fake_scontrol(answers):
 def test_one_node_two_processes_is_a_standalone_torchrun():
     spec = row_spec("train", "d26_fp8", nproc_per_node=2)
     assert launch.launcher(spec) == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline.train", "--"]
-    cmd = launch.train_command(spec, ["in"], "out", "work", threads=16)
+    cmd = unlocked(launch.train_command(spec, ["in"], "out", "work", threads=16))
     assert cmd.startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m pipeline.train -- --run=")
     # the same geometry through the srun wrapper, as a one-node allocation would run it
     env = {"SLURM_JOB_ID": "41", "SLURM_JOB_NODELIST": "localhost", "PATH": "/bin"}
@@ -64,7 +64,7 @@ def test_two_nodes_of_eight_meet_on_the_first_node():
     prefix = launch.launcher(spec, threads=64)
     assert prefix == ["python", "-m", "pipeline.launch", "multinode", "--nodes=2", "--nproc-per-node=8",
                       "--cpus-per-node=64", "--gpu", "-m", "pipeline.train", "--"]
-    assert launch.core_command(row_spec("core", "d26_fp8", nodes=2), ["i"], "o", "w", 64).startswith(
+    assert unlocked(launch.core_command(row_spec("core", "d26_fp8", nodes=2), ["i"], "o", "w", 64)).startswith(
         "python -m pipeline.launch multinode --nodes=2 --nproc-per-node=8 --cpus-per-node=64 --gpu -m pipeline.core --")
 
     # a hand-written sbatch script still has the node list in its environment
@@ -106,7 +106,8 @@ def test_a_multinode_launch_refuses_outside_an_allocation_or_on_the_wrong_node_c
 def test_one_cpu_process_runs_plainly():
     spec = row_spec("train", "smoke")
     assert launch.launcher(spec) == ["python", "-m", "pipeline.train"]
-    assert launch.train_command(spec, [], "o", "w", threads=2).startswith("python -m pipeline.train --run=smoke")
+    cmd = unlocked(launch.train_command(spec, [], "o", "w", threads=2))
+    assert cmd.startswith("python -m pipeline.train --run=smoke")
     assert launch.launcher(row_spec("core", "smoke"), "pipeline.core") == ["python", "-m", "pipeline.core"]
     # CPU ranks on several nodes: the same srun + torchrun, without GPUs
     run = fake_scontrol({("scontrol", "show", "hostnames", "n[1-2]"): "n1\nn2\n"})
@@ -217,6 +218,7 @@ def test_dry_run_with_the_slurm_profile_plans_eight_gpus_for_training(tmp_path, 
     for item in ("cpus_per_task=64", "runtime=360", "nodes=1", "gpu=8", "mem_mb=192000"):
         assert re.search(rf"(^|, ){item}(,|$)", res), (item, res)
     assert "mpi=" not in res and "gres=" not in res
+    shell = unlocked(shell)
     assert shell.startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train --")
     ((_, core, _),) = blocks["core"]
     assert "gpu=8" in core and "runtime=120" in core
@@ -236,8 +238,8 @@ def test_dry_run_of_a_two_node_row_plans_one_task_per_node_and_the_srun_wrapper(
     ((_, res, shell),) = job_blocks(out.stdout)["train"]
     for item in ("nodes=2", "gres=gpu:8", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "runtime=180"):
         assert re.search(rf"(^|, ){item}(,|$)", res), (item, res)
-    assert shell.startswith("python -m pipeline.launch multinode --nodes=2 --nproc-per-node=8 --cpus-per-node=64 "
-                            "--gpu -m pipeline.train -- --run=d26-feb2-fp8")
+    assert unlocked(shell).startswith("python -m pipeline.launch multinode --nodes=2 --nproc-per-node=8 "
+                                      "--cpus-per-node=64 --gpu -m pipeline.train -- --run=d26-feb2-fp8")
 
 
 LOCAL_GPU_SNAKEFILE = '''

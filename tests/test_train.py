@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, unlocked
 from pipeline import checkpoint, launch, plan, store, train
 from pipeline.model import GPT
 from pipeline.store import StageError
@@ -135,13 +135,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(smoke, tmp_path
 def test_launch_commands():
     spec = plan.make_spec("train", {"depth": 26, "fp8": True, "device_batch_size": 16}, [],
                           settings={"run": "r", "launch": {"nproc_per_node": 8, "nodes": 1}})
-    cmd = launch.train_command(spec, ["a", "b"], "out", "work")
+    locked = launch.train_command(spec, ["a", "b"], "out", "work")
+    # one lock holder for the whole launcher, named by stage and key, done once the manifest exists
+    assert locked.startswith(f"OMP_NUM_THREADS=1 python -m pipeline.keylock --work work --name train-{spec['key']} "
+                             "--done out/manifest.json -- torchrun ")
+    cmd = unlocked(locked)
     assert cmd.startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- "
                           "--run=r --depth=26 --fp8 --device-batch-size=16 --spec ")
     assert cmd.endswith("--inputs a b --out out --work work")
     cpu = plan.make_spec("train", {"depth": 2, "device_type": "cpu"}, [], settings={"launch": {"nproc_per_node": 1,
                                                                                                 "nodes": 1}})
-    assert launch.train_command(cpu, [], "o", "w").startswith("python -m pipeline.train --depth=2 --device-type=cpu")
+    cpu_cmd = unlocked(launch.train_command(cpu, [], "o", "w"))
+    assert cpu_cmd.startswith("python -m pipeline.train --depth=2 --device-type=cpu")
     assert launch.gpus(spec) == 8 and launch.gpus(cpu) == 0
 
 

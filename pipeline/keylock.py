@@ -1,0 +1,82 @@
+"""keylock: at most one process works on a store key at a time, whichever Snakemake started it.
+
+    python -m pipeline.keylock --work results/work --name train-<key> --done <out>/manifest.json -- CMD...
+
+Snakemake's own lock is not enough: an instance that finishes deletes the whole `.snakemake/locks`
+directory, and a later instance then relaunches a job that is still running. So each stage holds an
+exclusive flock on <work>/locks/<name>.lock for its whole run. A second copy waits for the first and,
+once the first has sealed its store directory, does nothing. The kernel drops a flock when its holder
+dies (SIGKILL included), so a killed run never leaves a stale lock behind.
+
+Stages run through pipeline.cli take the lock in process; train and core, which torchrun may start
+as many processes, take it here, around the whole launcher (one holder, not one per rank).
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def lock_path(work_root, name):
+    return Path(work_root) / "locks" / f"{name}.lock"
+
+
+def _holder(f):
+    f.seek(0)
+    try:
+        h = json.loads(f.read() or "{}")
+        return f"pid {h['pid']} on {h['host']}, since {h['since']}"
+    except (ValueError, KeyError):
+        return "another process"
+
+
+@contextmanager
+def held(work_root, name, log=None):
+    """Hold the key's lock, waiting (and saying so) while another process holds it. Yields the file,
+    which stays open (and locked) until the block ends; `inheritable` for a command exec'd under it."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    path = lock_path(work_root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{name}: already running ({_holder(f)}); waiting for it to finish rather than starting a "
+                f"second copy (lock: {path})")
+            t0 = time.time()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log(f"{name}: the other run ended after {time.time() - t0:.0f}s of waiting")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        f.flush()
+        yield f
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.keylock", description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="the work root; locks live in <work>/locks/")
+    ap.add_argument("--name", required=True, help="<stage>-<key>")
+    ap.add_argument("--done", required=True, help="the manifest whose presence means the work is done")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run under the lock")
+    args = ap.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("give the command to run after --")
+    with held(args.work, args.name) as f:
+        if Path(args.done).is_file():
+            print(f"{args.name}: already done ({args.done}); nothing to run", file=sys.stderr)
+            return 0
+        os.set_inheritable(f.fileno(), True)  # the exec'd launcher keeps holding the lock until it exits
+        os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
