@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
+from pipeline import store
 from pipeline.store import StageError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -35,6 +37,10 @@ def latest(root):
     return dirs[-1] if dirs else None
 
 
+class DamagedCheckpoint(StageError):
+    """A checkpoint that cannot be read back whole (cut short, edited, a file missing)."""
+
+
 def save(root, step, model_state, optim_state, meta, keep=2):
     """Write step `step` atomically; keep the newest `keep` checkpoints (a failed save keeps the old)."""
     root = Path(root)
@@ -43,17 +49,29 @@ def save(root, step, model_state, optim_state, meta, keep=2):
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    states = {"model.pt": model_state, "optim.pt": optim_state}
     try:
-        torch.save(model_state, tmp / "model.pt")
-        if optim_state is not None:
-            torch.save(optim_state, tmp / "optim.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StageError(f"could not write checkpoint {final} ({e}); the previous checkpoint is kept") from e
+        for name, state in states.items():
+            if state is not None:
+                # a Python file object, so a full disk surfaces as OSError(ENOSPC), not torch's opaque RuntimeError
+                with open(tmp / name, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        name = "meta.json"
+        sizes = {n: (tmp / n).stat().st_size for n, state in states.items() if state is not None}
+        with open(tmp / name, "w") as f:
+            f.write(json.dumps({**meta, "files": sizes}, indent=2, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial files would hold on to the space that ran out
+        kept = f"the previous checkpoint {latest(root)} is kept" if latest(root) else "there is no earlier checkpoint"
+        if store.is_disk_full(e):
+            raise StageError(f"{store.disk_full_error(final / name)}; {kept}") from e
+        if isinstance(e, OSError):
+            raise StageError(f"could not write checkpoint {final / name} ({e}); {kept}") from e
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -62,15 +80,51 @@ def save(root, step, model_state, optim_state, meta, keep=2):
     return final
 
 
-def load(path, map_location="cpu", with_optim=True):
-    """(model_state, optim_state or None, meta) of a checkpoint directory."""
+def load(path, map_location="cpu", with_optim=True, model=None):
+    """(model_state, optim_state or None, meta) of a checkpoint directory. DamagedCheckpoint when its
+    files are not whole; with `model` (a model config dict), StageError when it was made for another."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
+        for name, size in meta.get("files", {}).items():
+            got = (path / name).stat().st_size
+            if got != size:
+                raise ValueError(f"{name} is {got} bytes, {size} when written")
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged ({e})") from e
+    model = json.loads(json.dumps(model))  # as meta.json holds it: tuples become lists
+    if model is not None and meta.get("model") != model:
+        theirs = meta.get("model") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)} there, {v} here" for k, v in model.items() if theirs.get(k) != v)
+        raise StageError(f"checkpoint {path} is of another model ({diff or 'no model config recorded'}), so not this "
+                         f"run's: move or delete {path}, then rerun (or pass --resume-from-step with one of this "
+                         "run's)")
+    try:
         model_state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         optim_state = None
-        if with_optim and (path / "optim.pt").exists():
+        if with_optim and ((path / "optim.pt").exists() or "optim.pt" in meta.get("files", {})):
             optim_state = torch.load(path / "optim.pt", map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, ValueError) as e:
-        raise StageError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an older one") from e
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged ({str(e).splitlines()[0]})") from e
     return model_state, optim_state, meta
+
+
+def load_newest(root, map_location="cpu", model=None, warn=None):
+    """(path, model_state, optim_state, meta) of the newest checkpoint under `root` that reads back whole,
+    None when there is none. A damaged newer one is passed over with a warning: it is rewritten when
+    training reaches its step again. All of them damaged is refused, naming each."""
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    problems = []
+    for path in reversed(step_dirs(root)):
+        try:
+            found = (path, *load(path, map_location, model=model))
+        except DamagedCheckpoint as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            warn(f"warning: {problem}; resuming from the older {path.name} instead")
+        return found
+    if problems:
+        raise StageError(f"no checkpoint under {root} reads back whole: {'; '.join(problems)}. Delete {root} to "
+                         "train from step 0")
+    return None

@@ -47,12 +47,19 @@ def row_specs(cfg, config_path, row, stage):
 
 
 def user_errors(main):
-    """Decorate a CLI main: a StageError becomes one `error: ...` line and exit status 2, no traceback."""
+    """Decorate a CLI main: a StageError, or a full disk met by a write the stage does not guard itself,
+    becomes one `error: ...` line and exit status 2, no traceback."""
     def guarded(*args, **kwargs):
         try:
             return main(*args, **kwargs) or 0
         except StageError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:
+            full = store.disk_full_cause(e)
+            if full is None:
+                raise
+            print(f"error: {store.disk_full_error(full.filename)}", file=sys.stderr)
             return 2
     return guarded
 

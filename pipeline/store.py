@@ -8,6 +8,7 @@ written last and atomically. Stages build their outputs in a work directory
 
 import argparse
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Versions recorded in every manifest: what decides the numbers a stage produces.
 TRACKED_PACKAGES = ("snakemake", "torch", "torchao", "tiktoken", "rustbpe", "pyarrow", "numpy", "pandas")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # out of space, or out of quota: the same fix
 
 
 class StageError(Exception):
@@ -48,16 +50,56 @@ def file_record(path):
     return {"sha256": sha256_file(path), "size": os.path.getsize(path)}
 
 
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def disk_full_cause(error):
+    """The OSError of a full disk behind `error`, also under another one raised while handling it (torch's
+    zip writer raises its own RuntimeError on top of it); None when there is none."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def is_disk_full(error):
+    return disk_full_cause(error) is not None
+
+
+def disk_full_error(path, needed=None):
+    """The StageError for a write that ran out of space: the file, the free space there, and the fix."""
+    probe = Path(path) if path else Path.cwd()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    size = f" ({human_bytes(needed)})" if needed else ""
+    return StageError(f"disk full writing {path or 'a file'}{size}: {human_bytes(free)} free on its filesystem. Free "
+                      "space there, or point work_dir/store_dir in the config (--work/--store by hand) at a larger "
+                      "disk, then rerun: finished work is kept")
+
+
 def atomic_write(path, data):
     """Write bytes or text so that `path` is either absent, the old file, or the whole new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a partial temporary file would keep the space that just ran out
+        if is_disk_full(e):
+            raise disk_full_error(path, len(data)) from e
+        raise
 
 
 def write_npy(path, array):
@@ -125,7 +167,13 @@ def _link_or_copy(src, dst):
     try:
         os.link(src, tmp)
     except OSError:
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise disk_full_error(dst, os.path.getsize(src)) from e
+            raise
     os.replace(tmp, dst)
 
 

@@ -284,9 +284,9 @@ class Trainer:
         resume = self._checkpoint_to_resume()
         meta, optim_state = {}, None
         if resume is not None:
-            model_state, optim_state, meta = checkpoint.load(resume, map_location=self.device)
+            path, model_state, optim_state, meta = resume
             model.load_state_dict(model_state)
-            print(f"resuming from {resume}", file=sys.stderr)
+            print(f"resuming from {path}", file=sys.stderr)
         self.fp8_layers = {"converted": [], "skipped": []}
         if args.fp8:
             if fp8_supported(self.device):
@@ -315,12 +315,19 @@ class Trainer:
             self._truncate_metrics(self.step)
 
     def _checkpoint_to_resume(self):
+        """(path, model_state, optim_state, meta) to resume from, or None to start at step 0."""
+        model = self.hp["model"]
         if self.args.resume_from_step >= 0:
             path = self.ckpt_dir / f"step_{self.args.resume_from_step:06d}"
             if not path.is_dir():
                 raise StageError(f"--resume-from-step {self.args.resume_from_step}: no checkpoint {path}")
-            return path
-        return checkpoint.latest(self.ckpt_dir)
+            try:
+                return (path, *checkpoint.load(path, map_location=self.device, model=model))
+            except checkpoint.DamagedCheckpoint as e:
+                # asked for by name, so no quiet fallback
+                raise StageError(f"{e}: pass --resume-from-step with another step, or drop it to resume from the "
+                                 "newest checkpoint that reads back whole") from e
+        return checkpoint.load_newest(self.ckpt_dir, map_location=self.device, model=model)
 
     def _truncate_metrics(self, step):
         """After a resume, drop what the killed run logged past its last checkpoint (everything up to
