@@ -474,8 +474,9 @@ class Trainer:
         shutil.rmtree(self.work, ignore_errors=True)  # checkpoints were only for resuming this run
 
     def _final_model(self):
-        """The last checkpoint's weights, hard-linked (not copied) when the filesystem allows."""
-        src = checkpoint.latest(self.ckpt_dir) / "model.pt"
+        """The final step's checkpointed weights, hard-linked (not copied) when the filesystem allows. By step,
+        not the newest directory: a stray newer one (another run's) must not be published as this model."""
+        src = self.ckpt_dir / f"step_{self.step:06d}" / "model.pt"
         dst = self.work / "model.pt.final"
         dst.unlink(missing_ok=True)
         try:
@@ -492,7 +493,9 @@ def spec_for_row(config_path, row):
     return cfg, cli.row_specs(cfg, config_path, row, "train")[0]
 
 
-STORE_FLAGS = {"spec", "row", "config", "store", "work", "threads", "inputs", "out", *plan.TRAIN_NAME_FLAGS}
+# Flags outside the key: where things go, names, and which of the run's own checkpoints to resume from.
+STORE_FLAGS = {"spec", "row", "config", "store", "work", "threads", "inputs", "out", "resume_from_step",
+               *plan.TRAIN_NAME_FLAGS}
 
 
 def check_flags_match_spec(args, spec):
@@ -527,7 +530,9 @@ def main(argv=None):
             print(f"train {spec['key']}: up to date ({out})", file=sys.stderr)
             return 0
         names = {k: spec["settings"][k] for k in ("run", "model_tag") if k in spec["settings"]}
+        resume_from_step = args.resume_from_step
         args = parse_args(launch.flag_args(spec["params"], names))
+        args.resume_from_step = resume_from_step
     else:
         raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
                          "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "

@@ -121,31 +121,6 @@ def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
     assert json.loads((tmp_path / "results" / "smoke" / "token_shards.json").read_text())["train_shards"] == 3
 
 
-def final_losses(store_root):
-    (train_dir,) = (store_root / "train").iterdir()
-    lines = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in lines if "loss" in r]
-
-
-def test_training_killed_mid_run_resumes_from_its_checkpoint(smoke_run, tmp_path):
-    """SIGKILL Snakemake and the training job after the step-10 checkpoint; the rerun resumes there
-    and ends with the same losses as the uninterrupted run."""
-    cfg = json.loads(json.dumps(smoke_run["cfg"]))
-    cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
-    write_config(tmp_path, cfg)
-    kill_snakemake_once(tmp_path, "results/smoke/train_summary.json",
-                        lambda: list(tmp_path.glob("results/work/train/*/checkpoints/step_000010")), timeout=300)
-    assert not list(tmp_path.glob("results/store/train/*/manifest.json"))
-    rerun = snakemake(tmp_path, "results/smoke/train_summary.json")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    (log,) = tmp_path.glob("results/logs/train/*.log")
-    assert "resuming from" in log.read_text() and "step_000010" in log.read_text()
-    resumed, straight = final_losses(tmp_path / "results" / "store"), final_losses(smoke_run["dir"] / "results" /
-                                                                                   "store")
-    assert [s for s, _ in resumed] == list(range(1, 21))
-    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-6)
-
-
 def test_dry_run_of_a_leaderboard_row_plans_the_whole_chain(tmp_path):
     write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     out = snakemake(tmp_path, "-n", "-p", "results/d26_fp8/core.json")
