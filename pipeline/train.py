@@ -10,6 +10,7 @@ Outputs: model.pt, model.json, metrics.jsonl, train_summary.json, sealed with a 
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -192,8 +193,10 @@ def fp8_supported(device):
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def convert_fp8(model, recipe):
-    """Swap Linear layers whose dims are multiples of 16 for torchao Float8Linear; (converted, skipped)."""
+def convert_fp8(model, recipe, emulate=False):
+    """Swap Linear layers whose dims are multiples of 16 for torchao Float8Linear; (converted, skipped).
+    `emulate` (the CPU): same fp8 casts and scales, but the matmul in high precision, since PyTorch's CPU
+    _scaled_mm is a reference kernel (~40 s for one 2048x128x4096 product on 2 cores)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     converted, skipped = [], []
@@ -205,7 +208,8 @@ def convert_fp8(model, recipe):
         (converted if ok else skipped).append(f"{name} ({module.in_features}->{module.out_features})")
         return ok
 
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=eligible)
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    convert_to_float8_training(model, config=config, module_filter_fn=eligible)
     return converted, skipped
 
 
@@ -290,7 +294,8 @@ class Trainer:
         self.fp8_layers = {"converted": [], "skipped": []}
         if args.fp8:
             if fp8_supported(self.device):
-                self.fp8_layers["converted"], self.fp8_layers["skipped"] = convert_fp8(model, args.fp8_recipe)
+                cpu = self.device.type == "cpu"
+                self.fp8_layers["converted"], self.fp8_layers["skipped"] = convert_fp8(model, args.fp8_recipe, cpu)
                 print(f"fp8: converted {len(self.fp8_layers['converted'])} Linear layers; skipped (dims not "
                       f"divisible by 16): {', '.join(self.fp8_layers['skipped']) or 'none'}", file=sys.stderr)
             elif args.fp8_fallback:
