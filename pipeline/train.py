@@ -301,8 +301,9 @@ class Trainer:
             elif args.fp8_fallback:
                 print("fp8: this device has no fp8 support; training in bf16 (--fp8-fallback)", file=sys.stderr)
             else:
-                raise StageError(f"--fp8 needs an fp8-capable device (CUDA compute capability 8.9+: Ada, Hopper or newer); {self.device} is not. "
-                                 "Drop --fp8, or add --fp8-fallback to train in bf16 instead")
+                raise StageError(f"--fp8 needs an fp8-capable device (CUDA compute capability 8.9+: Ada, Hopper "
+                                 f"or newer); {self.device} is not. Drop --fp8, or add --fp8-fallback to train in "
+                                 "bf16 instead")
         self.model = model
         use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
         self.compiled = torch.compile(model, dynamic=False) if use_compile else model
