@@ -170,6 +170,7 @@ def test_a_row_with_seeds_gives_mean_spread_and_count_beating_gpt2(seeded):
     assert len(row["train_key"].split()) == 3
 
 
+@pytest.mark.bad_input
 def test_seeds_and_train_seed_together_are_refused(repo_config):
     cfg = copy.deepcopy(repo_config)
     cfg["rows"]["d12"]["seeds"] = [1, 2]
@@ -185,6 +186,7 @@ def rebuild(cfg, results, out):
                                               results, out, results / "store")}
 
 
+@pytest.mark.fault
 def test_a_published_number_edited_by_hand_is_refused(built, repo_config):
     out, results = built
     path = results / "d24_jan29" / "core.json"
@@ -197,6 +199,7 @@ def test_a_published_number_edited_by_hand_is_refused(built, repo_config):
     assert "d24_jan29" not in details_rows(md)
 
 
+@pytest.mark.fault
 def test_a_store_file_edited_after_publication_is_refused(built, repo_config):
     out, results = built
     (core_dir,) = [d for d in (results / "store" / "core").iterdir()
@@ -209,6 +212,7 @@ def test_a_store_file_edited_after_publication_is_refused(built, repo_config):
     assert rows["d26_fp8"]["problems"] == [f"{core_dir / 'core.json'}: size {size} != {size - 1} in manifest"]
 
 
+@pytest.mark.fault
 def test_a_seeds_mean_edited_by_hand_is_refused(seeded):
     cfg, results, out = seeded
     path = results / "d24_jan29" / "core.json"
@@ -253,6 +257,7 @@ def test_import_brings_verified_rows_into_the_report(tmp_path, repo_config, caps
     assert report.main(["import", str(remote), "--results", str(results), "--config", str(path)]) == 0  # again
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("damage", ["edited", "missing", "row-file"])
 def test_import_refuses_a_tampered_or_partial_directory_and_copies_nothing(tmp_path, damage, capsys, repo_config):
     _, path = local_config(tmp_path, repo_config)
@@ -274,6 +279,7 @@ def test_import_refuses_a_tampered_or_partial_directory_and_copies_nothing(tmp_p
     assert not (results / "imported").exists() and not (tmp_path / "results" / "store").exists()
 
 
+@pytest.mark.fault
 def test_import_never_overwrites_a_different_row(tmp_path):
     remote, results = remote_results(tmp_path), tmp_path / "results"
     provenance.import_results(remote, results / "imported", results / "store")
@@ -284,6 +290,7 @@ def test_import_never_overwrites_a_different_row(tmp_path):
     assert json.loads((results / "imported" / "d26_fp8" / "core.json").read_text())["core_metric"] == 0.2612
 
 
+@pytest.mark.bad_input
 def test_import_of_a_directory_without_rows_says_what_a_row_is(tmp_path):
     with pytest.raises(report.StageError, match="no row to import"):
         provenance.import_results(tmp_path, tmp_path / "imported", tmp_path / "store")

@@ -106,6 +106,7 @@ def test_dry_run_plans_every_seed_row_with_the_right_shards(tmp_path):
     assert len(re.findall(r"^rule tokenizer:", out.stdout, re.M)) == 3
 
 
+@pytest.mark.fault
 def test_a_run_killed_mid_stage_reruns_with_the_default_profile(tmp_path):
     """SIGKILL Snakemake and its job while the tokenizer runs; after --unlock, a plain rerun finishes
     (the default workflow profile carries rerun-incomplete)."""
