@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ENV, WEBTEXT, snakemake, snakemake_cmd, write_config
-from pipeline import checkpoint, store
+from pipeline import checkpoint, config, plan, store
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -85,9 +85,12 @@ class SlowShards:
 
 # ----------------------------------------------------------------------------- helpers
 
-def biggest_dir(store_root, stage):
-    """The stage's store directory with the most output bytes (the 3-shard train block, not the val shard)."""
-    dirs = [p.parent for p in (store_root / stage).glob(f"*/{store.MANIFEST}")]
+def row_store_dir(smoke_run, stage):
+    """The smoke row's store directory of `stage` (of two, the 3-shard train block, not the val shard); by
+    the plan, as other tests add rows beside it in the same store."""
+    cfg = config.check(json.loads(json.dumps(smoke_run["cfg"])))
+    root = smoke_run["dir"] / "results" / "store"
+    dirs = [root / stage / key for key in plan.make_plan(cfg).rows["smoke"][stage]]
     return max(dirs, key=lambda d: sum(r["size"] for r in store.read_manifest(d)["outputs"].values()))
 
 
@@ -116,7 +119,7 @@ def digests(directory, skip=()):
 def prepare(smoke_run, tmp_path, stage, base_url=None):
     """A fresh workdir with the smoke store's inputs of `stage` (mtimes kept); returns (workdir, target)."""
     src_store = smoke_run["dir"] / "results" / "store"
-    target = biggest_dir(src_store, stage)
+    target = row_store_dir(smoke_run, stage)
     for rel in upstream(src_store, target):
         shutil.copytree(src_store / rel, tmp_path / "results" / "store" / rel)
     cfg = json.loads(json.dumps(smoke_run["cfg"]))
