@@ -2,10 +2,13 @@
 
     <dir>/step_000123/model.pt       fp32 master weights (state dict)
                       optim.pt       optimizer state (identical on every rank, so rank 0 writes it)
-                      meta.json      step, loader position, loop state, RNG, model config, flags
+                      meta.json      step, loader position, loop state, RNG, model config, flags,
+                                     and the size of each file above
 
 A checkpoint is written as `step_N.tmp-<pid>/` and renamed into place, so a kill never leaves a
-half-written `step_N/`; the newest complete one is what a rerun resumes from.
+half-written `step_N/`, and a full disk leaves the older ones as they were. A rerun resumes from the
+newest one that reads back whole: one damaged later (cut short, a file lost) is passed over with a
+warning; one of another model config is refused.
 """
 
 import json
@@ -86,6 +89,8 @@ def load(path, map_location="cpu", with_optim=True, model=None):
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("meta.json holds no object")
         for name, size in meta.get("files", {}).items():
             got = (path / name).stat().st_size
             if got != size:
