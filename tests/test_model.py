@@ -171,5 +171,7 @@ def test_config_schema_allows_exactly_the_train_flags():
     from pipeline.config import SCHEMA_PATH
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     allowed = set(schema["properties"]["rows"]["additionalProperties"]["properties"]["train"]["properties"])
-    flags = set(vars(train.build_parser().parse_args([]))) - train.STORE_FLAGS | {"run", "model_tag"}
+    # resume_from_step is a row flag too; STORE_FLAGS lists it so that it may also be given by hand beside --spec
+    flags = set(vars(train.build_parser().parse_args([]))) - train.STORE_FLAGS | {"run", "model_tag",
+                                                                               "resume_from_step"}
     assert allowed == flags
