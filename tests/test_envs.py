@@ -89,11 +89,14 @@ def test_requirements_txt_pins_what_pyproject_pins():
     assert pin_mismatches(runtime_pins(), pins) == []
 
 
-def test_environment_yaml_pins_what_pyproject_pins():
-    env = yaml.safe_load((ENVS / "environment.yaml").read_text())
+@pytest.mark.parametrize("name, extras", [("environment.yaml", []), ("environment-hf.yaml", ["hf"])])
+def test_environment_yaml_pins_what_pyproject_pins(name, extras):
+    env = yaml.safe_load((ENVS / name).read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
-    assert len(pip_lists) == 1, "envs/environment.yaml: expected one pip: list"
-    assert pin_mismatches(runtime_pins(), parse_pins(pip_lists[0], "envs/environment.yaml")) == []
+    assert len(pip_lists) == 1, f"envs/{name}: expected one pip: list"
+    optional = pyproject()["project"]["optional-dependencies"]
+    wanted = runtime_pins() | parse_pins([r for e in extras for r in optional[e]], "pyproject.toml")
+    assert pin_mismatches(wanted, parse_pins(pip_lists[0], f"envs/{name}")) == []
     pythons = [d.split("=", 1)[1] for d in env["dependencies"] if isinstance(d, str) and d.startswith("python=")]
     assert len(pythons) == 1 and pythons[0] in SpecifierSet(pyproject()["project"]["requires-python"])
 

@@ -24,6 +24,7 @@ WORK = CFG["work_dir"]
 LOGS = "results/logs"
 BENCHMARKS = "results/benchmarks"
 CONDA_ENV = "../../envs/environment.yaml"
+CONDA_ENV_HF = "../../envs/environment-hf.yaml"  # + transformers, for a published HuggingFace model
 # Jobs run `python` from the environment running Snakemake, even when it is not activated (a
 # --software-deployment-method conda job puts its own environment first again) ...
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")

@@ -33,7 +33,7 @@ rule core:
     benchmark:
         f"{BENCHMARKS}/core/{{key}}.tsv"
     conda:
-        CONDA_ENV
+        lambda w: CONDA_ENV_HF if "hf_model" in PLAN.spec("core", w.key)["params"] else CONDA_ENV
     threads: job_threads("core")
     resources:
         **job_resources("core"),
