@@ -59,7 +59,7 @@ def main():
     model = GPT(config).to(device)
     model.init_weights()
     if args.fp8:
-        converted, skipped = train.convert_fp8(model, "tensorwise")
+        converted, skipped = train.convert_fp8(model, "tensorwise", emulate=device.type == "cpu")  # as train does
         print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
     use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     step_model = torch.compile(model, dynamic=False) if use_compile else model
