@@ -9,13 +9,16 @@ once the first has sealed its store directory, does nothing. The kernel drops a 
 dies (SIGKILL included), so a killed run never leaves a stale lock behind.
 
 Stages run through pipeline.cli take the lock in process; train and core, which torchrun may start
-as many processes, take it here, around the whole launcher (one holder, not one per rank).
+as many processes, take it here, around the whole launcher (one holder, not one per rank), and their
+ranks die with the launcher (die_with_launcher), so the lock is never free while a rank still runs.
 """
 
 import argparse
+import ctypes
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -58,6 +61,21 @@ def held(work_root, name, log=None):
                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         f.flush()
         yield f
+
+
+def die_with_launcher():
+    """Under torchrun, have the kernel SIGKILL this rank when its launcher dies.
+
+    torchrun starts every rank in a session of its own, so killing the job's process group (what
+    Snakemake does to a job, or a kill of the run) would stop the launcher, which holds the key's
+    lock, and leave the ranks training on: a rerun would then start a second copy beside them, and
+    the orphans would seal and clear the work directory under it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher was already gone before we asked
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv=None):

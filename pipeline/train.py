@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, evaluate, launch, plan, store, tokenizer
+from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.optim import MuonAdamW
@@ -175,6 +175,7 @@ def make_optimizer(model, hp, args):
 
 def setup_device(device_type):
     """(device, rank, local_rank, world_size); joins the process group when run under torchrun."""
+    keylock.die_with_launcher()
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise StageError("--device-type=cuda but no CUDA device is visible; use --device-type=cpu")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -175,3 +177,29 @@ def test_a_checkpoint_from_one_process_resumes_on_two(single, smoke, tmp_path, m
     straight, _ = metrics(single[0])
     assert [r["step"] for r in resumed] == list(range(1, 21))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=2e-3)
+
+
+@pytest.mark.bad_input  # the other way round: two processes' checkpoint, resumed by one
+def test_a_checkpoint_from_two_processes_resumes_on_one(single, smoke, tmp_path):
+    spec, inputs = smoke
+    two = {**spec, "settings": {**spec["settings"], "launch": {"nproc_per_node": 2, "nodes": 1}}}
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "pipeline.train", "--", *launch.train_argv(two, inputs, out, work)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**ENV, "OMP_NUM_THREADS": "1"})
+    ckpts = store.work_dir(spec, work) / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step_000010").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "two-process training ended before its checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)   # mid-run, after step 10's checkpoint
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    resumed_out, log = train_subprocess(spec, inputs, tmp_path)
+    assert "resuming from" in log and "step_000010" in log
+    resumed, _ = metrics(resumed_out)
+    straight, _ = metrics(single[0])
+    assert resumed[0]["step"] <= 11 and resumed[-1]["step"] == 20
+    by_step = {r["step"]: r["loss"] for r in straight}
+    assert [r["loss"] for r in resumed] == pytest.approx([by_step[r["step"]] for r in resumed], rel=2e-3)
