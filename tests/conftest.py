@@ -20,10 +20,13 @@ CORE_MINI = REPO / "tests" / "fixtures" / "core_bundle_mini"
 
 class ShardServer:
     """Serves files of a folder on 127.0.0.1, honouring Range; `faults[name]` is a list of behaviours
-    used one per request ("500", "cut", "garbage", "stall", "404"), after which requests succeed."""
+    used one per request ("500", "cut", "garbage", "stall", "404"), after which requests succeed.
+    `pace=(chunk bytes, pause s)` sends every body in chunks with pauses, so that a download lasts long
+    enough to be killed halfway through a body."""
 
-    def __init__(self, root):
+    def __init__(self, root, pace=None):
         self.root = Path(root)
+        self.pace = pace
         self.faults = {}
         self.requests = []  # (file name, Range header or None)
         server = self
@@ -67,11 +70,23 @@ class ShardServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                chunk, pause = server.pace or (len(body) or 1, 0)
+                try:
+                    for i in range(0, len(body), chunk):
+                        self.wfile.write(body[i:i + chunk])
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a client killed mid-body (what the kill tests do)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def seconds_for(self, nbytes):
+        """How long a paced body of `nbytes` takes to send."""
+        chunk, pause = self.pace or (1, 0)
+        return nbytes / chunk * pause
 
     def __enter__(self):
         self.thread.start()

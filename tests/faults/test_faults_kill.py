@@ -5,7 +5,6 @@ test, so only that stage runs (and is killed). The kill lands a random, seeded d
 starts; the seed is printed (`FAULT_SEED=<n>` replays a run's delays).
 """
 
-import http.server
 import json
 import os
 import random
@@ -13,13 +12,11 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ENV, WEBTEXT, snakemake, snakemake_cmd, write_config
+from conftest import ENV, WEBTEXT, ShardServer, snakemake, snakemake_cmd, write_config
 from pipeline import checkpoint, config, plan, store
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -27,60 +24,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 SEED = int(os.environ.get("FAULT_SEED") or random.SystemRandom().randrange(1_000_000))
 # Files whose bytes record timings, so differ from run to run; everything else a stage writes must not.
 TIMED = {"tokenizer": {"compression.json"}}
-
-
-# ----------------------------------------------------------------------------- a slow shard server
-
-class SlowShards:
-    """Serves the shipped shards in small chunks with pauses (honouring Range), so that a download
-    lasts long enough to be killed halfway through a body."""
-
-    CHUNK, PAUSE = 32 << 10, 0.02
-
-    def __init__(self, root):
-        self.requests = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                outer.requests.append((name, self.headers.get("Range")))
-                data = (Path(root) / name).read_bytes()
-                m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(m.group(1)) if m else 0
-                if start >= len(data) > 0 and m:
-                    self.send_response(416)
-                    self.end_headers()
-                    return
-                self.send_response(206 if m else 200)
-                if m:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                try:
-                    for i in range(start, len(data), outer.CHUNK):
-                        self.wfile.write(data[i:i + outer.CHUNK])
-                        self.wfile.flush()
-                        time.sleep(outer.PAUSE)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client was killed mid-body, which is the point
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def seconds_for(self, nbytes):
-        return nbytes / self.CHUNK * self.PAUSE
-
-    def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -187,7 +130,7 @@ def rerun_only(workdir, target, stage):
 # ----------------------------------------------------------------------------- one test per stage
 
 def test_download_killed_mid_body_resumes_the_partial_shards(smoke_run, tmp_path):
-    with SlowShards(WEBTEXT) as server:
+    with ShardServer(WEBTEXT, pace=(32 << 10, 0.02)) as server:   # slow enough to kill mid-body
         workdir, target = prepare(smoke_run, tmp_path, "download", server.url)
         nbytes = max(r["size"] for r in store.read_manifest(smoke_run["dir"] / target)["outputs"].values())
         work = workdir / "results" / "work" / "download" / target.name
