@@ -218,7 +218,7 @@ def repair(directory, *, attempts=None, backoff_s=None, timeout=None):
     fetched = []
     for name, rec in sorted(manifest["outputs"].items()):
         path = directory / name
-        if path.is_file() and os.path.getsize(path) == rec["size"] and store.sha256_file(path) == rec["sha256"]:
+        if store.mismatch(path, rec) is None:
             continue
         url = shard_url(settings["base_url"], int(name.removeprefix("shard_").removesuffix(".parquet")))
         fetch_shard(url, scratch / name, sha256=rec["sha256"], attempts=attempts or settings["attempts"],

@@ -234,16 +234,19 @@ def verify(directory, hash_up_to=None):
         manifest = read_manifest(directory)
     except StageError as e:
         return [str(e)]
-    problems = []
-    for name, rec in manifest["outputs"].items():
-        path = Path(directory) / name
-        if not path.is_file():
-            problems.append(f"{path}: missing (manifest lists it)")
-        elif os.path.getsize(path) != rec["size"]:
-            problems.append(f"{path}: size {os.path.getsize(path)} != {rec['size']} in manifest")
-        elif (hash_up_to is None or rec["size"] <= hash_up_to) and sha256_file(path) != rec["sha256"]:
-            problems.append(f"{path}: sha256 differs from manifest (edited after the stage wrote it)")
-    return problems
+    problems = (mismatch(Path(directory) / name, rec, hash_up_to) for name, rec in manifest["outputs"].items())
+    return [p for p in problems if p]
+
+
+def mismatch(path, record, hash_up_to=None):
+    """Why `path` is not the file its manifest `record` ({sha256, size}) describes; None when it is."""
+    if not path.is_file():
+        return f"{path}: missing (manifest lists it)"
+    if os.path.getsize(path) != record["size"]:
+        return f"{path}: size {os.path.getsize(path)} != {record['size']} in manifest"
+    if (hash_up_to is None or record["size"] <= hash_up_to) and sha256_file(path) != record["sha256"]:
+        return f"{path}: sha256 differs from manifest (edited after the stage wrote it)"
+    return None
 
 
 def main(argv=None):
