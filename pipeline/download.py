@@ -96,16 +96,24 @@ def _fetch_http(url, part, progress, timeout):
         raise TransientError(f"{e.__class__.__name__}: {e}") from e
 
 
+def text_column_problem(pf):
+    """What keeps a parquet file (a pq.ParquetFile) from being a nanochat shard, by its schema; None if nothing."""
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        return f"no 'text' column (columns: {', '.join(names) or 'none'})"
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return f"the 'text' column holds {kind}, not strings"
+    return None
+
+
 def verify_shard(path, sha256=None):
     """Open as parquet and decode every row group of `text` (a string column of valid UTF-8); what we
     learnt about the shard. With `sha256`, the bytes must also be exactly those recorded earlier."""
     try:
         pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"no 'text' column (columns: {', '.join(pf.schema_arrow.names) or 'none'})")
-        kind = pf.schema_arrow.field("text").type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise ValueError(f"the 'text' column holds {kind}, not strings")
+        if problem := text_column_problem(pf):
+            raise ValueError(problem)
         for i in range(pf.num_row_groups):
             column = pf.read_row_group(i, columns=["text"]).column("text")
             try:  # full validation checks the UTF-8 that a plain read lets through

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import rustbpe
 import tiktoken
@@ -52,12 +51,8 @@ def read_row_groups(path):
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for bytes that are not parquet
         raise _refuse(path, f"not a parquet file ({e})") from e
-    names = pf.schema_arrow.names
-    if "text" not in names:
-        raise _refuse(path, f"no 'text' column (columns: {', '.join(names) or 'none'})")
-    kind = pf.schema_arrow.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise _refuse(path, f"the 'text' column holds {kind}, not strings")
+    if problem := download.text_column_problem(pf):
+        raise _refuse(path, problem)
     for i in range(pf.num_row_groups):
         try:
             yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
@@ -96,11 +91,12 @@ def train_bpe(texts, vocab_size):
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
-    if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
+    wanted = vocab_size - len(SPECIAL_TOKENS)
+    if len(ranks) < wanted:
         # rustbpe stops when no pair repeats; a smaller vocabulary than configured would go unnoticed
-        raise TooFewMerges(f"the training text gave only {len(ranks) - 256} of the {vocab_size - 265} merges that "
-                         f"vocab_size {vocab_size} needs; give the tokenizer more text (train_shards, max_chars) "
-                         "or a smaller vocab_size")
+        raise TooFewMerges(f"the training text gave only {len(ranks) - 256} of the {wanted - 256} merges that "
+                           f"vocab_size {vocab_size} needs; give the tokenizer more text (train_shards, max_chars) "
+                           "or a smaller vocab_size")
     return ranks
 
 
