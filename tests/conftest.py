@@ -176,9 +176,10 @@ def pytest_terminal_summary(terminalreporter):
 ENV = {**os.environ, "WANDB_MODE": "disabled"}
 
 
-def snakemake_cmd(workdir, *args, config="config.yaml"):
+def snakemake_cmd(workdir, *args, config="config.yaml", cores="2"):
+    """Snakemake on this checkout's Snakefile in `workdir`; cores=None leaves --cores to a profile."""
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(Path(workdir) / config), "--cores", "2", *args]
+            "--configfile", str(Path(workdir) / config), *(["--cores", cores] if cores else []), *args]
 
 
 def snakemake(workdir, *args, config="config.yaml"):
@@ -187,9 +188,12 @@ def snakemake(workdir, *args, config="config.yaml"):
 
 
 def write_config(workdir, cfg, name="config.yaml"):
+    """Write a copy of `cfg` for a run in `workdir`, and return that copy (the config the run plans from)."""
     # the repo config's local paths are relative to the checkout; these runs happen elsewhere
+    cfg = copy.deepcopy(cfg)
     cfg["core_bundles"]["core_mini"]["url"] = str(REPO / "tests" / "fixtures" / "core_bundle_mini")
     (Path(workdir) / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +203,7 @@ def smoke_run(tmp_path_factory):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         cfg["datasets"]["webtext"]["base_url"] = server.url
-        write_config(work, cfg)
+        cfg = write_config(work, cfg)
         first = snakemake(work)   # no target: rule all, as the README's command runs it
         first_board = (work / "reports" / "leaderboard.md").read_text() if first.returncode == 0 else ""
         second = snakemake(work)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, ShardServer, unlocked
+from conftest import REPO, ShardServer, snakemake_cmd, unlocked, write_config
 from pipeline import config, launch, plan, resources
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -178,17 +178,6 @@ def test_the_plugin_turns_them_into_the_intended_sbatch_options():
 
 # --- Snakemake with the profiles ---------------------------------------------------------------------
 
-def write_config(workdir, cfg):
-    cfg = copy.deepcopy(cfg)
-    cfg["core_bundles"]["core_mini"]["url"] = str(REPO / "tests" / "fixtures" / "core_bundle_mini")
-    (Path(workdir) / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def snakemake_cmd(workdir, *args):
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(Path(workdir) / "config.yaml"), *args]
-
-
 def job_blocks(out):
     """{rule: [(threads, resources line, shell command)]} of a dry run printed with -p."""
     blocks = {}
@@ -207,7 +196,8 @@ def test_dry_run_with_the_slurm_profile_plans_eight_gpus_for_training(tmp_path, 
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
     write_config(tmp_path, repo_config)
     out = subprocess.run(snakemake_cmd(tmp_path, "-n", "-p", "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
-                                       "results/d26_fp8/core.json"), capture_output=True, text=True, env=ENV,
+                                       "results/d26_fp8/core.json", cores=None), capture_output=True, text=True,
+                         env=ENV,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
@@ -232,7 +222,8 @@ def test_dry_run_of_a_two_node_row_plans_one_task_per_node_and_the_srun_wrapper(
     cfg["rows"]["d26_fp8"]["launch"] = {"nodes": 2, "nproc_per_node": 8}
     write_config(tmp_path, cfg)
     out = subprocess.run(snakemake_cmd(tmp_path, "-n", "-p", "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
-                                       "results/d26_fp8/core.json"), capture_output=True, text=True, env=ENV,
+                                       "results/d26_fp8/core.json", cores=None), capture_output=True, text=True,
+                         env=ENV,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     ((_, res, shell),) = job_blocks(out.stdout)["train"]
@@ -318,10 +309,10 @@ def test_smoke_row_runs_through_slurm_and_matches_the_local_run(slurm_cluster, t
         # SIGTERM does not stop a Snakemake waiting on SLURM jobs: timeout -k
         slurm = subprocess.run(
             ["timeout", "-k", "10", "420", *snakemake_cmd(
-                slurm_dir, "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--cores", cores,
+                slurm_dir, "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
                 # no slurmdbd here, so no sacct; squeue sees finished jobs for MinJobAge (3600 s)
                 "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5",
-                "--seconds-between-status-checks", "3", "results/smoke/core.json")],
+                "--seconds-between-status-checks", "3", "results/smoke/core.json", cores=cores)],
             capture_output=True, text=True, env=ENV)
     log = slurm.stdout + slurm.stderr
     assert slurm.returncode == 0, log[-4000:]
