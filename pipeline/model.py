@@ -21,6 +21,12 @@ SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
 
+# MKL's vector math (torch's CPU cos, exp, log, tanh) sets itself up on its first call; when that call is
+# split over threads, the other thread's share came out a few ulp off in 2 to 5 fresh processes of 10,
+# so one checkpoint gave two val_bpb (1e-9 apart). One call on one element, in this thread, sets it up
+# before any split call: a stage's bytes stay a function of its inputs.
+torch.tanh(torch.zeros(1))
+
 
 @dataclass
 class GPTConfig:

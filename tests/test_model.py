@@ -1,6 +1,8 @@
 import math
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,6 +124,25 @@ def test_forward_is_causal_and_capped():
     assert torch.allclose(model(x2)[:, :20], logits[:, :20], atol=1e-5)
     loss = model(x, x)
     assert abs(loss.item() - math.log(256)) < 0.5  # near-uniform at init
+
+
+# torch's first CPU vector-math call of a process, split over two threads: the rotary tables of a model
+# built from scratch (as every train and core stage builds one), then softcap's tanh
+FIRST_VECTOR_MATH = """
+import hashlib, torch
+from pipeline.model import rotary_tables
+cos, sin = rotary_tables(256, 128)
+capped = torch.tanh(torch.linspace(-3, 3, 16384))
+print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (cos, sin, capped)))
+"""
+
+
+def test_a_fresh_process_computes_the_same_bits():
+    """A stage's bytes are a function of its inputs, so vector math gives the same bits in every new
+    process (MKL's first vector-math call, split over threads, once made a thread's share differ)."""
+    outs = {subprocess.run([sys.executable, "-c", FIRST_VECTOR_MATH], capture_output=True, text=True,
+                           check=True, cwd=REPO).stdout for _ in range(8)}
+    assert len(outs) == 1, outs
 
 
 def test_short_windows_limit_what_a_query_sees():
