@@ -116,6 +116,11 @@ def _batch_messages(where, row):
 def check(cfg, source="config/config.yaml"):
     """Validated copy of `cfg` with defaults filled in; raises ConfigError listing every problem."""
     cfg = copy.deepcopy(dict(cfg))
+    for row in (cfg.get("rows") or {}).values():
+        train = row.get("train") if isinstance(row, dict) else None
+        if isinstance(train, dict) and isinstance(train.get("compile"), bool):
+            # YAML reads a bare `compile: yes` / `no` as a boolean; the flag's values are the words
+            train["compile"] = "yes" if train["compile"] else "no"
     sch = schema()
     messages = _schema_messages(cfg, sch)
     if not messages:

@@ -463,8 +463,8 @@ class Trainer:
             if rate and peak else None,
             "peak_memory_bytes": peak_memory_bytes(self.device), "world_size": self.world,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
-            "fp8_layers": self.fp8_layers, "wandb_run_id": run.id if run is not None else None,
-            "run": self.args.run, "model_tag": self.args.model_tag,
+            "fp8_layers": self.fp8_layers, "compiled": self.compiled is not self.model,
+            "wandb_run_id": run.id if run is not None else None, "run": self.args.run, "model_tag": self.args.model_tag,
         }
 
     def publish(self, summary):

@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import yaml
 
 from pipeline import config
 from pipeline.config import ConfigError
@@ -82,3 +83,11 @@ def test_load_names_a_missing_or_broken_file(tmp_path):
     broken.write_text("rows: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         config.load(broken)
+
+
+def test_a_bare_yes_or_no_for_compile_means_the_word(repo_config):
+    """YAML reads `compile: yes` as true; the row means the flag's value `yes`, not an error."""
+    cfg = copy.deepcopy(repo_config)
+    for word in ("yes", "no", "auto"):
+        cfg["rows"]["smoke"]["train"]["compile"] = yaml.safe_load(f"compile: {word}")["compile"]
+        assert config.check(cfg)["rows"]["smoke"]["train"]["compile"] == word

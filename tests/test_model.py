@@ -145,6 +145,32 @@ def test_a_fresh_process_computes_the_same_bits():
     assert len(outs) == 1, outs
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compile_computes_what_eager_does(fp8):
+    """torch.compile (what CUDA runs use) around the model, and around torchao's fp8 layers (emulated on
+    CPU), gives eager's loss and gradients: it may fuse, not compute something else."""
+    model = tiny(seq=64, pattern="SL", depth=2)  # a short window: the masked attention path too
+    with torch.no_grad():  # away from init, where zeroed projections would hide the blocks
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    if fp8:
+        assert train.convert_fp8(model, "tensorwise", emulate=True)[0]
+    x, y = torch.randint(0, 256, (4, 64)), torch.randint(0, 256, (4, 64))
+
+    def loss_and_grads(f):
+        model.zero_grad()
+        loss = f(x, y)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, dynamic=False))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
+    for e, c in zip(eager_grads, compiled_grads, strict=True):
+        assert (c - e).norm() <= 1e-4 * e.norm() + 1e-12
+
+
 def test_short_windows_limit_what_a_query_sees():
     model = tiny(pattern="SL", depth=2)
     assert model.windows == [16, 32]   # S is half the context; the last layer is always full
