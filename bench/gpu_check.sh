@@ -2,20 +2,45 @@
 # What only a GPU can show, as one short script for a lent device (one H100/H200, ~10 minutes):
 # the CUDA path trains (bf16 autocast, torch.compile, fp8, NCCL under torchrun), and tok/s + MFU for
 # d12 and d26, bf16 and fp8. Output goes to $OUT (or bench/gpu_out); copy the figures to bench/README.md.
+# On the lent device: run bench/gpu_wheels.sh here first, and carry `.whl`.
 set -uo pipefail
+export WANDB_MODE=disabled  # no wandb import: the GPU image has none
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/gpu_out}
 mkdir -p "$out"
-py=.venv/bin/python
+if [ -x .venv/bin/python ]; then
+    py=.venv/bin/python
+else  # the lent device: its python3 holds CUDA torch; what it lacks travels as wheels (bench/gpu_wheels.sh)
+    py=python3
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # stage commands say `python -m pipeline.<stage>`; the image may have only python3
+    command -v python > /dev/null || { mkdir -p /tmp/pybin; ln -sf "$(command -v python3)" /tmp/pybin/python
+                                       export PATH=/tmp/pybin:$PATH; }
+fi
+$py -c "import torch, torchao, rustbpe, jsonschema; print('torch', torch.__version__, 'torchao', torchao.__version__,
+      'cuda', torch.cuda.is_available())" 2>&1 | tee "$out/versions.txt"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-for cfg in "12 32" "26 16"; do
+# One device call may run 10 minutes: every step gets at most what is left of BUDGET seconds, most
+# telling first (the leaderboard's d26 rows, then the train stage itself), so a slow compile costs the
+# last steps, not the whole call.
+deadline=$((SECONDS + ${BUDGET:-540}))
+run_for() {  # run_for CAP LOG CMD...: CMD under timeout min(CAP, time left); skipped under 30 s left
+    local cap=$1 log=$2 left=$((deadline - SECONDS)); shift 2
+    (( left < 30 )) && { echo "skipped (budget spent): $*" > "$log"; return; }
+    timeout $(( cap < left ? cap : left )) "$@" > "$log" 2>&1
+}
+for cfg in "26 16 --fp8" "26 16" "12 32 --fp8" "12 32"; do
     set -- $cfg
-    for fp8 in "" "--fp8"; do
-        timeout 240 $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" $fp8 --steps 10 \
-            > "$out/throughput_d$1${fp8:+_fp8}.txt" 2>&1
-        echo "d$1 ${fp8:-bf16}: $(grep -E 'tok/s|MFU|nanochat' "$out/throughput_d$1${fp8:+_fp8}.txt" | tr '\n' ' ')"
-    done
+    name="throughput_d$1${3:+_fp8}"
+    run_for 150 "$out/$name.txt" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
+    echo "d$1 ${3:-bf16}: $(grep -E 'tok/s|MFU|nanochat|budget spent' "$out/$name.txt" | tr '\n' ' ')"
+    # the train stage on CUDA under torchrun (NCCL), compile, fp8, resuming: after the d26 pair
+    if [ "$1 ${3:-}" = "26 " ]; then
+        run_for 240 "$out/test_gpu.txt" $py -m pytest -q -x tests/test_gpu.py
+        tail -3 "$out/test_gpu.txt"
+    fi
 done
-# the training stage itself on CUDA, under torchrun (NCCL), resuming from a checkpoint
-WANDB_MODE=disabled timeout 300 $py -m pytest -q -x tests/test_gpu.py > "$out/test_gpu.txt" 2>&1
-tail -3 "$out/test_gpu.txt"

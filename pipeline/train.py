@@ -246,12 +246,13 @@ def peak_memory_bytes(device):
 
 
 def start_wandb(args, hp, resume_id):
-    """Offline unless the user configured wandb (WANDB_MODE or WANDB_API_KEY); None for --run=dummy.
+    """Offline unless the user configured wandb (WANDB_MODE or WANDB_API_KEY); None for --run=dummy or
+    WANDB_MODE=disabled.
     Offline runs land in $WANDB_DIR (default results/wandb) for a later `wandb sync`."""
-    if args.run == "dummy":
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if args.run == "dummy" or mode == "disabled":  # no import either: a GPU image may lack wandb
         return None
     import wandb
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     directory = Path(os.environ.get("WANDB_DIR", "results/wandb"))
     directory.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "nanochat"), name=args.run, dir=str(directory),

@@ -29,7 +29,9 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     torchrun = f"{sys.executable} -m torch.distributed.run"
     cmd = launch.train_command(spec, inputs, out, work).replace("torchrun", torchrun)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # keep any PYTHONPATH already set: on the lent device it holds the wheels bench/gpu_check.sh installed
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "train_summary.json").read_text())

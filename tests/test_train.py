@@ -218,3 +218,14 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(single, smoke, tmp_path)
     assert resumed[0]["step"] <= 11 and resumed[-1]["step"] == 20
     by_step = {r["step"]: r["loss"] for r in straight}
     assert [r["loss"] for r in resumed] == pytest.approx([by_step[r["step"]] for r in resumed], rel=2e-3)
+
+
+def test_disabled_wandb_is_not_even_imported(monkeypatch):
+    """WANDB_MODE=disabled runs where wandb is not installed (the GPU image the device checks use)."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails
+    args = train.build_parser().parse_args(["--run=r"])
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert train.start_wandb(args, {}, None) is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ImportError):
+        train.start_wandb(args, {}, None)
