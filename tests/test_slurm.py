@@ -191,22 +191,32 @@ def job_blocks(out):
     return blocks
 
 
+def slurm_dry_run(workdir, cfg):
+    """`snakemake -n -p --profile workflow/profiles/slurm` for d26_fp8's core.json under `cfg`."""
+    write_config(workdir, cfg)
+    out = subprocess.run(snakemake_cmd(workdir, "-n", "-p", "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
+                                       "results/d26_fp8/core.json", cores=None),
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def assert_resources(res, *items):
+    """Each `name=value` is one whole entry of a job's printed resources."""
+    for item in items:
+        assert re.search(rf"(^|, ){item}(,|$)", res), (item, res)
+
+
 @pytest.mark.slow
 def test_dry_run_with_the_slurm_profile_plans_eight_gpus_for_training(tmp_path, repo_config):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
-    write_config(tmp_path, repo_config)
-    out = subprocess.run(snakemake_cmd(tmp_path, "-n", "-p", "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
-                                       "results/d26_fp8/core.json", cores=None), capture_output=True, text=True,
-                         env=ENV,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = slurm_dry_run(tmp_path, repo_config)
     text = out.stdout + out.stderr
     assert "Using profiles" in text and "workflow/profiles/slurm" in text
     blocks = job_blocks(out.stdout)
     ((threads, res, shell),) = blocks["train"]
     assert threads == 64
-    for item in ("cpus_per_task=64", "runtime=360", "nodes=1", "gpu=8", "mem_mb=192000"):
-        assert re.search(rf"(^|, ){item}(,|$)", res), (item, res)
+    assert_resources(res, "cpus_per_task=64", "runtime=360", "nodes=1", "gpu=8", "mem_mb=192000")
     assert "mpi=" not in res and "gres=" not in res
     shell = unlocked(shell)
     assert shell.startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train --")
@@ -220,15 +230,8 @@ def test_dry_run_of_a_two_node_row_plans_one_task_per_node_and_the_srun_wrapper(
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="pip install -e '.[slurm]'")
     cfg = copy.deepcopy(repo_config)
     cfg["rows"]["d26_fp8"]["launch"] = {"nodes": 2, "nproc_per_node": 8}
-    write_config(tmp_path, cfg)
-    out = subprocess.run(snakemake_cmd(tmp_path, "-n", "-p", "--profile", str(REPO / "workflow" / "profiles" / "slurm"),
-                                       "results/d26_fp8/core.json", cores=None), capture_output=True, text=True,
-                         env=ENV,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ((_, res, shell),) = job_blocks(out.stdout)["train"]
-    for item in ("nodes=2", "gres=gpu:8", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "runtime=180"):
-        assert re.search(rf"(^|, ){item}(,|$)", res), (item, res)
+    ((_, res, shell),) = job_blocks(slurm_dry_run(tmp_path, cfg).stdout)["train"]
+    assert_resources(res, "nodes=2", "gres=gpu:8", "mpi=srun", "tasks=2", "tasks_per_gpu=0", "runtime=180")
     assert unlocked(shell).startswith("python -m pipeline.launch multinode --nodes=2 --nproc-per-node=8 "
                                       "--cpus-per-node=64 --gpu -m pipeline.train -- --run=d26-feb2-fp8")
 
