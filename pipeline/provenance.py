@@ -21,9 +21,6 @@ from pipeline.store import StageError
 
 REPORT_HASH_LIMIT = 16 << 20
 PUBLISHED = {"core.json": "core", "train_summary.json": "train", "metrics.jsonl": "train"}
-# published file -> (the seed's file kept in each run, and how the row's mean is made from the runs)
-SEEDED = {"core.json": ("core", publish.seeds_core),
-          "train_summary.json": ("train_summary", publish.seeds_train_summary)}
 
 
 def manifests(chain, stage):
@@ -51,13 +48,13 @@ def published_problems(row_dir, chain):
             problems.append(f"{path}: the row's {store.MANIFEST} has no {stage} stage to vouch for it")
             continue
         data = path.read_bytes()
-        if len(stage_manifests) == 1 or name not in SEEDED:
+        if len(stage_manifests) == 1 or name not in publish.SEEDED:
             record = stage_manifests[0].get("outputs", {}).get(name) or {}
             if store.sha256_bytes(data) != record.get("sha256"):
                 problems.append(f"{path}: sha256 differs from {stage}/{stage_manifests[0]['key']}/{name} as its "
                                 f"chain records it (edited or from another run)")
             continue
-        field, mean_of = SEEDED[name]
+        field, mean_of = publish.SEEDED[name]
         try:
             published = json.loads(data)
             runs = [(r["seed"], r["key"], r[field]) for r in published["runs"]]

@@ -108,20 +108,21 @@ def seeds_core(runs):
             "runs": [{"seed": seed, "key": key, "core": c} for seed, key, c in runs]}
 
 
+# published file -> (the key under which each run keeps the seed's own file, how the mean is made)
+SEEDED = {"core.json": ("core", seeds_core), "train_summary.json": ("train_summary", seeds_train_summary)}
+
+
+def publish_seeded(name, train_dirs, dirs, out):
+    """One seed: its store file `name`, as it is; several: their mean and spread (SEEDED), with each file."""
+    if len(dirs) == 1:
+        copy_checked(Path(dirs[0]) / name, out)
+    else:
+        store.write_json(out, SEEDED[name][1](seeded_runs(train_dirs, dirs, name)))
+
+
 def train_summary(train_dirs, summary_out, metrics_out):
-    if len(train_dirs) == 1:
-        copy_checked(Path(train_dirs[0]) / "train_summary.json", summary_out)
-    else:
-        store.write_json(summary_out, seeds_train_summary(seeded_runs(train_dirs, train_dirs, "train_summary.json")))
+    publish_seeded("train_summary.json", train_dirs, train_dirs, summary_out)
     copy_checked(Path(train_dirs[0]) / "metrics.jsonl", metrics_out)
-
-
-def row_core(stage_dirs, out):
-    cores = stage_dirs["core"]
-    if len(cores) == 1:
-        copy_checked(Path(cores[0]) / "core.json", out)
-    else:
-        store.write_json(out, seeds_core(seeded_runs(stage_dirs["train"], cores, "core.json")))
 
 
 def row_manifest(row, stage_dirs, command):
@@ -170,7 +171,7 @@ def main(argv=None):
         for item in args.stages:
             stage, _, d = item.partition("=")
             stage_dirs.setdefault(stage, []).append(d)
-        row_core(stage_dirs, Path(args.out) / "core.json")
+        publish_seeded("core.json", stage_dirs["train"], stage_dirs["core"], Path(args.out) / "core.json")
         store.write_json(Path(args.out) / "manifest.json", row_manifest(args.row, stage_dirs, args.command))
     else:
         store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))

@@ -61,7 +61,7 @@ def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, dev
     d = results / name
     publish.train_summary(trains, d / "train_summary.json", d / "metrics.jsonl")
     stage_dirs = {"train": trains, "core": cores}
-    publish.row_core(stage_dirs, d / "core.json")
+    publish.publish_seeded("core.json", trains, cores, d / "core.json")
     store.write_json(d / "manifest.json", publish.row_manifest(
         name, stage_dirs, f"snakemake --cores all results/{name}/core.json"))
     return d
