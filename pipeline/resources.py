@@ -21,7 +21,7 @@ A value of None leaves the resource unset (Snakemake drops it), which is how a o
 declaring `mpi`: the jobstep plugin looks at whether the key exists, not at its value.
 """
 
-from pipeline.launch import device_type
+from pipeline import launch
 
 NAMES = ("cpus_per_task", "mem_mb", "runtime", "nodes", "gpu", "gres", "mpi", "tasks", "tasks_per_gpu")
 
@@ -34,19 +34,10 @@ TRAIN_MINUTES_AT_8_GPUS = 6 * 60
 CORE_MINUTES_AT_8_GPUS = 2 * 60
 
 
-def launch_of(spec):
-    return spec["settings"]["launch"]
-
-
-def on_gpu(spec):
-    return device_type(spec) != "cpu"
-
-
 def threads(stage, spec):
     """CPUs a stage would like; Snakemake caps them (--cores, --max-threads) before `job` sees them."""
     if stage in ("train", "core"):
-        launch = launch_of(spec)
-        return CPUS_PER_GPU * launch["nproc_per_node"] if on_gpu(spec) else 8
+        return CPUS_PER_GPU * spec["settings"]["launch"]["nproc_per_node"] if launch.gpus(spec) else 8
     return {"download": 2, "tokenizer": 16, "pretokenize": 8, "bundle": 1}[stage]
 
 
@@ -71,11 +62,10 @@ def job(stage, spec, threads):
 
 
 def _accelerated(stage, spec, threads):
-    launch = launch_of(spec)
-    nodes, nproc = launch["nodes"], launch["nproc_per_node"]
-    if not on_gpu(spec):
+    nodes, nproc = spec["settings"]["launch"]["nodes"], spec["settings"]["launch"]["nproc_per_node"]
+    gpus = launch.gpus(spec)
+    if not gpus:  # a CPU row
         return {"mem_mb": 4000 + 1000 * threads, "runtime": 60}
-    gpus = nodes * nproc
     minutes = TRAIN_MINUTES_AT_8_GPUS if stage == "train" else CORE_MINUTES_AT_8_GPUS
     res = {"mem_mb": HOST_MEM_MB_PER_GPU * nproc, "runtime": max(30, minutes * 8 // gpus), "nodes": nodes}
     if nodes == 1:
