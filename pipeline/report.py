@@ -89,8 +89,13 @@ def _stage(manifest, stage):
     return provenance.manifests((manifest or {}).get("chain", {}), stage)
 
 
+def _first_train(manifest):
+    """The first seed's train manifest ({} for a row without one): its git, resolved and params."""
+    return next(iter(_stage(manifest, "train")), {})
+
+
 def _commit(manifest):
-    git = next(iter(_stage(manifest, "train")), {}).get("git") or {}
+    git = _first_train(manifest).get("git") or {}
     if not git.get("commit"):
         return "-"
     return git["commit"][:7] + ("-dirty" if git.get("dirty") else "")
@@ -176,7 +181,7 @@ def refusals(rows):
 def _curves(r):
     """(hours, flops, val_bpb) at every evaluation of the row's training run."""
     steps = {m["step"]: m for m in r["metrics"] if "loss" in m}
-    resolved = next(iter(_stage(r["manifest"], "train")), {}).get("resolved", {})
+    resolved = _first_train(r["manifest"]).get("resolved", {})
     per_step = resolved.get("flops_per_token", 0) * resolved.get("total_batch_size", 0)
     pts = [(steps[m["step"]]["total_training_time"] / 3600 if m["step"] in steps else 0.0, per_step * m["step"],
             m["val_bpb"]) for m in r["metrics"] if "val_bpb" in m]
@@ -243,7 +248,7 @@ def figures(rows, reference, per_task_row, out):
         ax.legend(fontsize=8)
         made["per_task"] = _save(fig, out / "per_task.png")
     series = [r for r in scored if r["summary"]]
-    if len({next(iter(_stage(r["manifest"], "train")), {}).get("params", {}).get("depth")
+    if len({_first_train(r["manifest"]).get("params", {}).get("depth")
             for r in series}) >= 2:  # a miniseries: several depths
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
         for r in series:
