@@ -44,6 +44,14 @@ class DamagedCheckpoint(StageError):
     """A checkpoint that cannot be read back whole (cut short, edited, a file missing)."""
 
 
+def _write_synced(path, write):
+    """`write(f)` into a new binary file, flushed to the disk before it returns."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save(root, step, model_state, optim_state, meta, keep=2):
     """Write step `step` atomically; keep the newest `keep` checkpoints (a failed save keeps the old)."""
     root = Path(root)
@@ -57,16 +65,11 @@ def save(root, step, model_state, optim_state, meta, keep=2):
         for name, state in states.items():
             if state is not None:
                 # a Python file object, so a full disk surfaces as OSError(ENOSPC), not torch's opaque RuntimeError
-                with open(tmp / name, "wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_synced(tmp / name, lambda f, state=state: torch.save(state, f))
         name = "meta.json"
         sizes = {n: (tmp / n).stat().st_size for n, state in states.items() if state is not None}
-        with open(tmp / name, "w") as f:
-            f.write(json.dumps({**meta, "files": sizes}, indent=2, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
+        text = json.dumps({**meta, "files": sizes}, indent=2, sort_keys=True)
+        _write_synced(tmp / name, lambda f: f.write(text.encode()))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the partial files would hold on to the space that ran out
         kept = f"the previous checkpoint {latest(root)} is kept" if latest(root) else "there is no earlier checkpoint"
