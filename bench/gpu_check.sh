@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What only a GPU can show, as one short script for a lent device (one H100/H200, ~10 minutes):
 # the CUDA path trains (bf16 autocast, torch.compile, fp8, NCCL under torchrun), and tok/s + MFU for
-# d12 and d26, bf16 and fp8. Output goes to $OUT (or bench/gpu_out); copy the figures to bench/README.md.
+# d12 and d26, bf16 and fp8, CORE examples/s, and d26 with masked short windows (what FlashAttention's
+# window buys).
+# Output goes to $OUT (or bench/gpu_out); copy the figures to bench/README.md.
 # On the lent device: run bench/gpu_wheels.sh here first, and carry `.whl`.
 set -uo pipefail
 export WANDB_MODE=disabled  # no wandb import: the GPU image has none
@@ -33,14 +35,20 @@ run_for() {  # run_for CAP LOG CMD...: CMD under timeout min(CAP, time left); sk
     (( left < 30 )) && { echo "skipped (budget spent): $*" > "$log"; return; }
     timeout $(( cap < left ? cap : left )) "$@" > "$log" 2>&1
 }
-for cfg in "26 16 --fp8" "26 16" "12 32 --fp8" "12 32"; do
-    set -- $cfg
-    name="throughput_d$1${3:+_fp8}"
-    run_for 150 "$out/$name.txt" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
-    echo "d$1 ${3:-bf16}: $(grep -E 'tok/s|MFU|nanochat|budget spent' "$out/$name.txt" | tr '\n' ' ')"
-    # the train stage on CUDA under torchrun (NCCL), compile, fp8, resuming: after the d26 pair
-    if [ "$1 ${3:-}" = "26 " ]; then
-        run_for 240 "$out/test_gpu.txt" $py -m pytest -q -x tests/test_gpu.py
-        tail -3 "$out/test_gpu.txt"
-    fi
-done
+throughput() {  # throughput DEPTH DEVICE_BATCH [FLAG]: bench/train_throughput.py, one line of figures
+    local tag=${3:-bf16}; tag=${tag#--}
+    local log="$out/throughput_d$1_$tag.txt"
+    run_for 150 "$log" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
+    echo "d$1 $tag: $(grep -E 'short windows|tok/s|MFU|nanochat|budget spent' "$log" | tr '\n' ' ')"
+}
+throughput 26 16 --fp8
+throughput 26 16
+# the train stage on CUDA under torchrun (NCCL), compile, fp8, resuming; FlashAttention's window
+run_for 240 "$out/test_gpu.txt" $py -m pytest -q tests/test_gpu.py
+tail -3 "$out/test_gpu.txt"
+# CORE examples/s, batched against one item per forward pass (issue 4), on a d26-sized model
+run_for 90 "$out/core_throughput.txt" $py bench/core_throughput.py --depth 26 --seq-len 2048 --items 40
+grep -E 'examples|speed-up|budget spent' "$out/core_throughput.txt"
+throughput 12 32 --fp8
+throughput 12 32
+throughput 26 16 --masked-windows  # what FlashAttention's window buys over the mask

@@ -4,6 +4,8 @@ reference (measured in the same run): one dense matmul of the model's MLP shape,
 the FLOP/s this device really delivers. ratio = the training step's FLOP/s / that matmul's FLOP/s.
 MFU against the datasheet bf16 peak is printed too where the GPU is known (nanochat's definition), and
 on an H100 at d26 the tok/s against nanochat's reported 78.8K (bf16) / 92.5K (fp8) per GPU.
+A step is --grad-accum forward+backward passes and one optimizer step, as in a leaderboard run (an
+optimizer step per pass would charge Muon's orthogonalisation 4x as often as a run does).
 
     .venv/bin/python bench/train_throughput.py --depth 26 --device-batch-size 16 [--fp8]
     .venv/bin/python bench/train_throughput.py --depth 2 --max-seq-len 256 --device-batch-size 8   # CPU
@@ -48,6 +50,11 @@ def main():
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"])
+    ap.add_argument("--masked-windows", action="store_true",
+                    help="short windows as SDPA with a mask even on CUDA (what FlashAttention's window saves)")
+    ap.add_argument("--grad-accum", type=int, default=4,
+                    help="forward+backward passes per optimizer step (4: one GPU's share of run 3 on 8 GPUs; on "
+                         "one GPU the optimizer then does all of Muon's orthogonalisation, 8x a rank's share)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup untimed ones")
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
@@ -58,6 +65,7 @@ def main():
     config = GPTConfig.from_depth(args.depth, args.vocab_size, args.max_seq_len)
     model = GPT(config).to(device)
     model.init_weights()
+    model.flash_windows = model.flash_windows and not args.masked_windows
     if args.fp8:
         converted, skipped = train.convert_fp8(model, "tensorwise", emulate=device.type == "cpu")  # as train does
         print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
@@ -65,37 +73,51 @@ def main():
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     flags = train.parse_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}",
                               f"--device-batch-size={args.device_batch_size}",
-                              f"--total-batch-size={args.device_batch_size * args.max_seq_len}"])
+                              f"--total-batch-size={args.grad_accum * args.device_batch_size * args.max_seq_len}"])
     optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1), flags)
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
 
-    def step():
+    def micro_step():
         with autocast:
             loss = step_model(x[:, :-1], x[:, 1:])
-        loss.backward()
+        (loss / args.grad_accum).backward()
+
+    def optimizer_step():
         optimizer.step()
         model.zero_grad(set_to_none=True)
+
+    def step():
+        for _ in range(args.grad_accum):
+            micro_step()
+        optimizer_step()
 
     for _ in range(args.warmup):
         step()
     seconds = timed(step, device, args.steps)
-    tokens = args.device_batch_size * args.max_seq_len
+    micro = timed(micro_step, device, args.steps)  # forward and backward alone: the ceiling
+    model.zero_grad(set_to_none=True)
+    tokens = args.grad_accum * args.device_batch_size * args.max_seq_len
     flops = model.estimate_flops() * tokens / seconds
-    reference = matmul_flops(config, tokens, device, dtype, max(3, args.steps))
+    rows = args.device_batch_size * args.max_seq_len
+    reference = matmul_flops(config, rows, device, dtype, max(3, args.steps))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = train.peak_flops(device)
     print(f"device {name}, d{args.depth} (dim {config.n_embd}), {tokens} tokens/step, "
-          f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile}")
-    print(f"train: {seconds * 1000:.1f} ms/step, {tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
-    print(f"reference matmul ({tokens}x{config.n_embd} @ {config.n_embd}x{4 * config.n_embd}): "
+          f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile}, "
+          f"short windows: {model.window_kernel(device)} (torch {torch.__version__})")
+    print(f"train: {seconds * 1000:.1f} ms/step ({args.grad_accum} x forward+backward, then the optimizer), "
+          f"{tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
+    print(f"forward+backward alone: {micro * 1000:.1f} ms, {rows / micro:,.0f} tok/s; optimizer "
+          f"{max(0.0, seconds - args.grad_accum * micro) * 1000:.1f} ms/step")
+    print(f"reference matmul ({rows}x{config.n_embd} @ {config.n_embd}x{4 * config.n_embd}): "
           f"{reference / 1e12:.3f} TFLOP/s")
     print(f"ratio train/matmul FLOP/s: {flops / reference:.3f}")
     if peak:
         print(f"MFU vs {peak / 1e12:.0f} TFLOP/s bf16 peak: {100 * flops / peak:.1f}%")
-    if device.type == "cuda" and "h100" in name.lower() and args.depth == 26:
-        ref = NANOCHAT_D26_H100[args.fp8]
+    if device.type == "cuda" and ("h100" in name.lower() or "h200" in name.lower()) and args.depth == 26:
+        ref = NANOCHAT_D26_H100[args.fp8]  # an H200 has the H100's bf16/fp8 peak, with faster memory
         print(f"vs nanochat d26 on H100 ({ref / 1e3:.1f}K tok/s): {tokens / seconds / ref:.3f}"
               f" -> {'MET' if tokens / seconds > ref else 'NOT MET'}")
     if device.type == "cuda":

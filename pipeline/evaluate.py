@@ -18,6 +18,16 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def batch_to(arrays, device):
+    """A loader's numpy batch on `device`. On CUDA through pinned memory: a copy from pageable memory
+    makes the host wait for every kernel already queued, so the loader's next batch could not be
+    packed, nor the next kernels launched, while the GPU works."""
+    tensors = (torch.from_numpy(a) for a in arrays)
+    if device.type == "cuda":
+        tensors = (t.pin_memory() for t in tensors)  # the caching host allocator keeps it until copied
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
 @torch.no_grad()
 def evaluate_bpb(model, loader, steps, token_bytes, world):
     """Bits per byte: summed loss (nats) over tokens that stand for bytes, over ln 2 x their bytes."""
@@ -25,7 +35,7 @@ def evaluate_bpb(model, loader, steps, token_bytes, world):
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(steps):
-        x, y = (torch.from_numpy(a).to(device) for a in next(loader))
+        x, y = batch_to(next(loader), device)
         with autocast(device):
             loss = model(x, y, loss_reduction="none").view(-1)
         y = y.view(-1)

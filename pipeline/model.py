@@ -8,6 +8,7 @@
 Sizes come from `--depth` through pipeline.dims.
 """
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -16,6 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import dims
+
+try:  # FlashAttention's own sliding window, in torch since 2.10: a windowed layer skips the keys it cannot see
+    from torch.nn.attention.varlen import varlen_attn
+    FLASH_WINDOWS = "window_size" in inspect.signature(varlen_attn).parameters
+except ImportError:
+    varlen_attn, FLASH_WINDOWS = None, False
+HALF = (torch.bfloat16, torch.float16)  # the dtypes FlashAttention computes in
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
@@ -89,12 +97,27 @@ def window_mask(seq_len, window, device=None):
     return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
 
 
-def attention(q, k, v, mask):
-    """Causal attention (B, H, T, D); `mask` narrows it to a sliding window (None: full context)."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    T = q.size(-2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:T, :T])
+def attention(q, k, v, window=None):
+    """Causal self-attention on (B, T, H, D) tensors. window: None (every earlier position) or
+    (size, mask, flash): each query sees itself and the `size` positions before it. With `flash` (a CUDA
+    device) FlashAttention applies the window itself and skips the blocks outside it, as nanochat's
+    flash_attn window_size does; otherwise SDPA with the boolean T x T `mask`, which computes every score
+    and discards the masked ones (and cannot use the flash kernel at all)."""
+    B, T, H, D = q.shape
+    if window is not None and window[2]:
+        # autocast does not reach this custom op: give it the dtype SDPA would have computed in
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+        if dtype in HALF:
+            starts = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)  # B sequences of T
+            y = varlen_attn(*(t.reshape(B * T, H, D).to(dtype) for t in (q, k, v)), starts, starts, T, T,
+                            window_size=(window[0], 0))
+            return y.view(B, T, H, D)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if window is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window[1][:T, :T])
+    return y.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -108,7 +131,7 @@ class Attention(nn.Module):
         self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False)
                         if has_value_embedding(layer, config.n_layer) else None)
 
-    def forward(self, x, ve, cos, sin, mask):
+    def forward(self, x, ve, cos, sin, window):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -117,8 +140,7 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.c_proj(attention(q, k, v, window).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -137,8 +159,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, mask):
-        x = x + self.attn(rms_norm(x), ve, cos, sin, mask)
+    def forward(self, x, ve, cos, sin, window):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, window)
         return x + self.mlp(rms_norm(x))
 
 
@@ -163,6 +185,7 @@ class GPT(nn.Module):
         # one precomputed mask per short window: no tensors are built inside forward (torch.compile)
         for w in sorted(set(self.windows) - {config.sequence_len}):
             self.register_buffer(f"mask_{w}", window_mask(config.sequence_len, w), persistent=False)
+        self.flash_windows = FLASH_WINDOWS  # False: the masked SDPA path on CUDA too (bench/train_throughput.py)
 
     @torch.no_grad()
     def init_weights(self):
@@ -192,19 +215,27 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, loss_reduction="mean"):
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
+        flash = self.flash_windows and idx.is_cuda
         x = rms_norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             w = self.windows[i]
-            x = block(x, ve, cos, sin, None if w >= T else getattr(self, f"mask_{w}"))
+            x = block(x, ve, cos, sin, None if w >= T else (w, getattr(self, f"mask_{w}"), flash))
         logits = self.lm_head(rms_norm(x))[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def window_kernel(self, device):
+        """What computes the short-window layers on `device`: "flash" (FlashAttention's sliding window),
+        "masked" (SDPA with a mask, every score computed) or "none" (no short windows)."""
+        if all(w >= self.config.sequence_len for w in self.windows):
+            return "none"
+        return "flash" if self.flash_windows and device.type == "cuda" else "masked"
 
     def num_scaling_params(self):
         """Parameter counts by kind; scaling params (for the data:param ratio) = transformer_matrices + lm_head."""

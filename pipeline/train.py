@@ -374,7 +374,7 @@ class Trainer:
         t0 = time.perf_counter()
         total = torch.zeros((), device=self.device)
         for _ in range(hp["grad_accum_steps"]):
-            x, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in next(self.loader))
+            x, y = evaluate.batch_to(next(self.loader), self.device)
             with evaluate.autocast(self.device):
                 loss = self.compiled(x, y)
             total += loss.detach()
@@ -465,6 +465,7 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device), "world_size": self.world,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "fp8_layers": self.fp8_layers, "compiled": self.compiled is not self.model,
+            "window_attention": self.model.window_kernel(self.device),
             "wandb_run_id": run.id if run is not None else None, "run": self.args.run, "model_tag": self.args.model_tag,
         }
 

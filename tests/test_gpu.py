@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
-from pipeline import launch, plan
+from pipeline import evaluate, launch, plan
+from pipeline.model import FLASH_WINDOWS, GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bench/gpu_check.sh runs this on a lent device)")
@@ -41,3 +43,41 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
     assert summary["mfu"] is None or summary["mfu"] > 0
     assert summary["device"].lower().startswith("nvidia")
     assert bool(summary["fp8_layers"]["converted"]) == fp8
+    assert summary["window_attention"] == ("flash" if FLASH_WINDOWS else "masked")
+
+
+def test_batches_reach_the_gpu_intact_through_pinned_memory():
+    arrays = (np.arange(4 * 9, dtype=np.int64).reshape(4, 9), np.full((4, 9), -1, dtype=np.int64))
+    x, y = evaluate.batch_to(arrays, torch.device("cuda"))
+    assert x.is_cuda and y.is_cuda
+    assert np.array_equal(x.cpu().numpy(), arrays[0]) and np.array_equal(y.cpu().numpy(), arrays[1])
+
+
+def test_flash_windows_compute_what_the_mask_does():
+    """The real FlashAttention window against SDPA with the mask, loss and gradients, under bf16 autocast."""
+    if not FLASH_WINDOWS:
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn(window_size=...): short windows stay masked")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=512, vocab_size=512, n_layer=2, n_head=2, n_embd=256,
+                          window_pattern="SL")).cuda()
+    model.init_weights()
+    with torch.no_grad():  # away from init, where zeroed projections would hide attention
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, y = (torch.randint(0, 512, (4, 512), device="cuda") for _ in range(2))
+
+    def loss_and_grads(flash):
+        model.flash_windows = flash
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        return loss.item(), [p.grad.float().clone() for p in model.parameters()]
+
+    masked_loss, masked_grads = loss_and_grads(False)
+    assert model.window_kernel(torch.device("cuda")) == "masked"
+    flash_loss, flash_grads = loss_and_grads(True)
+    assert model.window_kernel(torch.device("cuda")) == "flash"
+    assert flash_loss == pytest.approx(masked_loss, rel=2e-3)
+    for m, f in zip(masked_grads, flash_grads, strict=True):
+        assert (f - m).norm() <= 3e-2 * m.norm() + 1e-8

@@ -9,6 +9,7 @@ import torch
 
 from conftest import REPO
 from pipeline import dims, train
+from pipeline import model as model_module
 from pipeline.model import GPT, GPTConfig, has_value_embedding, window_mask, window_sizes
 from pipeline.optim import MuonAdamW, orthogonalize
 
@@ -184,6 +185,51 @@ def test_short_windows_limit_what_a_query_sees():
     a, b = model(x), model(x2)
     assert torch.allclose(a[0, 9:], b[0, 9:], atol=1e-6)
     assert not torch.allclose(a[0, :9], b[0, :9])
+
+
+def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size):
+    """FlashAttention's varlen contract, as torch documents it: packed (total, H, D) half-precision
+    tensors, sequence i spans cu[i]:cu[i+1], and a query at i sees keys i - left .. i + right (-1: no
+    limit). Each sequence computed on its own, in fp32."""
+    assert q.dtype in (torch.bfloat16, torch.float16) and q.dim() == 3 and torch.equal(cu_q, cu_k)
+    assert cu_q.dtype == torch.int32 and int(cu_q[-1]) == q.size(0) and max_q == max_k
+    left, right = window_size
+    out = torch.empty_like(q)
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+        i = torch.arange(e - s)
+        seen = ((i[None, :] >= i[:, None] - left) | (left < 0)) & ((i[None, :] <= i[:, None] + right) | (right < 0))
+        scores = torch.einsum("qhd,khd->hqk", q[s:e].float(), k[s:e].float()) / math.sqrt(q.size(-1))
+        probs = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", probs, v[s:e].float()).to(q.dtype)
+    return out
+
+
+def test_flash_windows_get_what_the_mask_means(monkeypatch):
+    """On CUDA the short windows go to FlashAttention's varlen kernel: the batch packed as B sequences of
+    T and the window as (size, 0) must give what the masked SDPA path gives (a stand-in kernel here;
+    tests/test_gpu.py compares the real one)."""
+    monkeypatch.setattr(model_module, "varlen_attn", flash_varlen_reference)
+    B, T, H, D, size = 3, 24, 2, 16, 5
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16) for _ in range(3))
+    window = (size, window_mask(T, size))
+    flash = model_module.attention(q, k, v, (*window, True))
+    masked = model_module.attention(q, k, v, (*window, False))
+    assert flash.shape == (B, T, H, D)
+    assert (flash.float() - masked.float()).abs().max() < 2e-2
+    # and the window matters: a key size + 1 back is out of sight, one size back is not
+    k2 = k.clone()
+    k2[:, 0] += 5
+    moved = model_module.attention(q, k2, v, (*window, True))
+    assert torch.equal(moved[:, size + 1:], flash[:, size + 1:]) and not torch.equal(moved[:, size], flash[:, size])
+
+
+def test_the_summary_can_say_which_kernel_ran_the_windows():
+    model = tiny(pattern="SL", depth=2)
+    assert model.window_kernel(torch.device("cpu")) == "masked"
+    assert model.window_kernel(torch.device("cuda")) == ("flash" if model_module.FLASH_WINDOWS else "masked")
+    model.flash_windows = False
+    assert model.window_kernel(torch.device("cuda")) == "masked"
+    assert tiny(pattern="L", depth=2).window_kernel(torch.device("cpu")) == "none"
 
 
 def test_orthogonalize_flattens_the_spectrum():

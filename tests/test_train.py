@@ -76,6 +76,7 @@ def test_summary_and_manifest(single, smoke):
     assert summary["total_training_time"] > 0
     assert summary["total_training_flops"] == hp["flops_per_token"] * 4096 * 20
     assert summary["val_bpb"] == summary["min_val_bpb"] and summary["peak_memory_bytes"] > 0
+    assert summary["window_attention"] == "masked"           # the smoke row's "SSSL" windows, on a CPU
     assert hp["grad_accum_steps"] == 2 and hp["num_iterations"] == 20
     assert store.verify(out) == []
     model = GPT(train.GPTConfig(**json.loads((out / "model.json").read_text())["config"]))
