@@ -33,13 +33,17 @@ deadline=$((SECONDS + ${BUDGET:-540}))
 run_for() {  # run_for CAP LOG CMD...: CMD under timeout min(CAP, time left); skipped under 30 s left
     local cap=$1 log=$2 left=$((deadline - SECONDS)); shift 2
     (( left < 30 )) && { echo "skipped (budget spent): $*" > "$log"; return; }
-    timeout $(( cap < left ? cap : left )) "$@" > "$log" 2>&1
+    local limit=$(( cap < left ? cap : left ))
+    timeout $limit "$@" > "$log" 2>&1
+    local rc=$?
+    (( rc == 124 )) && echo "timed out after $limit s: $*" >> "$log"
+    return $rc
 }
 throughput() {  # throughput DEPTH DEVICE_BATCH [FLAG]: bench/train_throughput.py, one line of figures
     local tag=${3:-bf16}; tag=${tag#--}
     local log="$out/throughput_d$1_$tag.txt"
     run_for 150 "$log" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
-    echo "d$1 $tag: $(grep -E 'short windows|tok/s|MFU|nanochat|budget spent' "$log" | tr '\n' ' ')"
+    echo "d$1 $tag: $(grep -E 'short windows|tok/s|MFU|nanochat|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
 }
 throughput 26 16 --fp8
 throughput 26 16
@@ -48,7 +52,7 @@ run_for 240 "$out/test_gpu.txt" $py -m pytest -q tests/test_gpu.py
 tail -3 "$out/test_gpu.txt"
 # CORE examples/s, batched against one item per forward pass (issue 4), on a d26-sized model
 run_for 90 "$out/core_throughput.txt" $py bench/core_throughput.py --depth 26 --seq-len 2048 --items 40
-grep -E 'examples|speed-up|budget spent' "$out/core_throughput.txt"
+grep -E 'examples|speed-up|budget spent|timed out|Error' "$out/core_throughput.txt"
 throughput 12 32 --fp8
 throughput 12 32
 throughput 26 16 --masked-windows  # what FlashAttention's window buys over the mask
