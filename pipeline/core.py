@@ -43,7 +43,9 @@ def load_checkpoint_model(train_dir, device):
 
 class Scorer:
     """Runs examples through a model in batches of whole items (up to `batch_tokens` padded tokens),
-    right-padded with BOS, which causal attention never lets an earlier position see."""
+    right-padded with BOS, which causal attention never lets an earlier position see. Only the scored
+    spans need logits: with our GPT the lm_head runs on those positions alone (a few tokens of each
+    prompt), not on every position x the whole vocabulary."""
 
     def __init__(self, model, pad, device, batch_tokens):
         self.model, self.pad, self.device, self.batch_tokens = model, pad, device, batch_tokens
@@ -66,22 +68,35 @@ class Scorer:
 
     def _run(self, examples, batch, out):
         rows = [r for i in batch for r in examples[i].rows]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, :len(r)] = torch.tensor(r)
-        ids = ids.to(self.device)
-        with evaluate.autocast(self.device):
-            logits = self.model(ids).float()
-        B, T, V = logits.shape
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none")
-        losses = losses.view(B, T - 1).tolist()
-        predictions = logits.argmax(-1).tolist()
+        losses, predictions = self.score(rows, [s for i in batch for s in examples[i].spans])
         at = 0
         for i in batch:
             n = len(examples[i].rows)
             out[i] = core_tasks.decide(examples[i], losses[at:at + n], predictions[at:at + n])
             at += n
+
+    @torch.no_grad()
+    def score(self, rows, spans):
+        """Per row, the loss and the argmax prediction of each token of its span [s, e), in order: lists
+        of lists. One forward pass over the rows, padded to the longest."""
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)] = torch.tensor(r)
+        # token p of a span is scored from position p - 1
+        at_row = torch.tensor([k for k, (s, e) in enumerate(spans) for _ in range(s, e)], dtype=torch.long)
+        at_pos = torch.tensor([p - 1 for s, e in spans for p in range(s, e)], dtype=torch.long)
+        ids, at_row, at_pos = (t.to(self.device) for t in (ids, at_row, at_pos))
+        with evaluate.autocast(self.device):
+            if hasattr(self.model, "trunk"):  # our GPT
+                logits = self.model.head(self.model.trunk(ids)[at_row, at_pos])
+            else:  # a HuggingFace model: all logits, then the scored ones
+                logits = self.model(ids)[at_row, at_pos]
+        logits = logits.float()
+        losses = F.cross_entropy(logits, ids[at_row, at_pos + 1], reduction="none").tolist()
+        predictions = logits.argmax(-1).tolist()
+        bounds = np.cumsum([0] + [e - s for s, e in spans]).tolist()
+        cut = list(zip(bounds[:-1], bounds[1:], strict=True))
+        return [losses[a:b] for a, b in cut], [predictions[a:b] for a, b in cut]
 
 
 def evaluate_core(scorer, tasks, encode, bos, max_len, max_per_task, allow_missing, rank=0, world=1, log=print):

@@ -187,12 +187,12 @@ def tokenize(task, item, shots, encode, bos, max_len):
 
 
 def decide(example, losses, predictions):
-    """Whether the model got the item right, from per-row `losses[p]` = loss of token p+1 given the
-    tokens up to p, and `predictions[p]` = its argmax."""
+    """Whether the model got the item right, from per row `losses[i]` and `predictions[i]`: the loss and
+    the argmax of each token of row i's span, in order (Scorer.score)."""
     if example.type == "language_modeling":
         (s, e), row = example.spans[0], example.rows[0]
-        return list(predictions[0][s - 1:e - 1]) == row[s:e]
-    means = [sum(losses[i][s - 1:e - 1]) / max(1, e - s) for i, (s, e) in enumerate(example.spans)]
+        return list(predictions[0]) == row[s:e]
+    means = [sum(span) / max(1, len(span)) for span in losses]
     return means.index(min(means)) == example.gold
 
 

@@ -213,6 +213,14 @@ class GPT(nn.Module):
             getattr(self, f"mask_{w}").copy_(window_mask(self.config.sequence_len, w, self.cos.device))
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
+        logits = self.head(self.trunk(idx))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def trunk(self, idx):
+        """The normed last hidden state (B, T, C): what the lm_head reads."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
         flash = self.flash_windows and idx.is_cuda
@@ -223,12 +231,13 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             w = self.windows[i]
             x = block(x, ve, cos, sin, None if w >= T else (w, getattr(self, f"mask_{w}"), flash))
-        logits = self.lm_head(rms_norm(x))[..., :self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return rms_norm(x)
+
+    def head(self, h):
+        """Soft-capped fp32 logits of hidden states `h` (..., C); CORE scoring calls it on the scored
+        positions only, which spares the (positions x vocab) logits of every prompt token."""
+        logits = self.lm_head(h)[..., :self.config.vocab_size].float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def window_kernel(self, device):
         """What computes the short-window layers on `device`: "flash" (FlashAttention's sliding window),

@@ -8,6 +8,7 @@ import torch
 from conftest import CORE_MINI
 from pipeline import bundle, core, core_tasks, plan, store
 from pipeline.core_tasks import Task
+from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
 
 
@@ -187,6 +188,28 @@ def test_batched_scoring_gives_the_same_answers_as_one_item_at_a_time(smoke_data
         examples = [core_tasks.tokenize(t, it, core_tasks.fewshot(pool, i, min(t.num_fewshot, 3)),
                                         enc.encode_ordinary, bos, 256) for i, it in enumerate(pool)]
         assert batched.correct(examples) == single.correct(examples), t.label
+
+
+def test_scored_spans_get_the_losses_of_the_full_logits():
+    """The lm_head runs on the scored positions only: each span's losses and argmax must be those read
+    off the whole logits of its row, run alone, as a straightforward scorer computes them."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=200, n_layer=2, n_head=2, n_embd=64, window_pattern="SL"))
+    model.init_weights()
+    with torch.no_grad():  # away from init, where zeroed projections would hide the blocks
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [torch.randint(1, 200, (n,)).tolist() for n in (40, 7, 64, 23)]
+    spans = [(30, 40), (1, 7), (63, 64), (5, 5)]  # the last one empty: nothing scored
+    losses, predictions = core.Scorer(model, BOS, torch.device("cpu"), 1 << 20).score(rows, spans)
+    assert [len(x) for x in losses] == [len(x) for x in predictions] == [10, 6, 1, 0]
+    for row, (s, e), got_losses, got_predictions in zip(rows, spans, losses, predictions, strict=True):
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            logits = model(ids)[0]
+        want = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")[s - 1:e - 1]
+        assert got_losses == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+        assert got_predictions == logits.argmax(-1)[s - 1:e - 1].tolist()
 
 
 def make_zip(src, dest):
