@@ -25,6 +25,13 @@ except ImportError:
     varlen_attn, FLASH_WINDOWS = None, False
 HALF = (torch.bfloat16, torch.float16)  # the dtypes FlashAttention computes in
 
+
+def flash_windows_supported():
+    """Whether this process can run the short windows through FlashAttention: a torch whose varlen_attn
+    takes window_size, and a GPU it has flash kernels for (Ampere, sm80, or newer; a T4 or V100 keeps
+    the masked path instead of failing)."""
+    return FLASH_WINDOWS and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
 VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
@@ -185,7 +192,7 @@ class GPT(nn.Module):
         # one precomputed mask per short window: no tensors are built inside forward (torch.compile)
         for w in sorted(set(self.windows) - {config.sequence_len}):
             self.register_buffer(f"mask_{w}", window_mask(config.sequence_len, w), persistent=False)
-        self.flash_windows = FLASH_WINDOWS  # False: the masked SDPA path on CUDA too (bench/train_throughput.py)
+        self.flash_windows = flash_windows_supported()  # False: the masked SDPA path on CUDA too (bench)
 
     @torch.no_grad()
     def init_weights(self):

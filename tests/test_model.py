@@ -223,11 +223,14 @@ def test_flash_windows_get_what_the_mask_means(monkeypatch):
     assert torch.equal(moved[:, size + 1:], flash[:, size + 1:]) and not torch.equal(moved[:, size], flash[:, size])
 
 
-def test_the_summary_can_say_which_kernel_ran_the_windows():
-    model = tiny(pattern="SL", depth=2)
-    assert model.window_kernel(torch.device("cpu")) == "masked"
-    assert model.window_kernel(torch.device("cuda")) == ("flash" if model_module.FLASH_WINDOWS else "masked")
-    model.flash_windows = False
+def test_the_summary_can_say_which_kernel_ran_the_windows(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, kernel in (((9, 0), "flash"), ((8, 0), "flash"), ((7, 5), "masked")):  # H100, A100, T4
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        model = tiny(pattern="SL", depth=2)
+        assert model.window_kernel(torch.device("cpu")) == "masked"
+        assert model.window_kernel(torch.device("cuda")) == (kernel if model_module.FLASH_WINDOWS else "masked")
+    model.flash_windows = False  # what bench/train_throughput.py --masked-windows does
     assert model.window_kernel(torch.device("cuda")) == "masked"
     assert tiny(pattern="L", depth=2).window_kernel(torch.device("cpu")) == "none"
 
