@@ -49,6 +49,12 @@ def tree_digest(root):
     return store.sha256_bytes(lines.encode())
 
 
+def digest(path):
+    """A bundle's sha256 as the bundle stage records it: the zip's bytes, or a folder's tree_digest."""
+    path = Path(path)
+    return tree_digest(_bundle_root(path)) if path.is_dir() else store.sha256_file(path)
+
+
 def unpacked(path, into):
     """An unpacked bundle folder for `path`: the folder itself, or a zip extracted under `into`."""
     path = Path(path)

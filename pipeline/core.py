@@ -154,6 +154,21 @@ def bits_per_byte(model, blocks, tok_dir, tokens, device, rank, world):
     return out
 
 
+def tokenizer_of(checkpoint):
+    """The tokenizer store directory a train store directory was trained with, from its manifest."""
+    checkpoint = Path(checkpoint)
+    manifest = checkpoint / store.MANIFEST
+    if not manifest.is_file():
+        raise StageError(f"{checkpoint}: no {store.MANIFEST} to find its tokenizer in (not a train store "
+                         "directory); give --tokenizer <the tokenizer store directory>")
+    names = [i for i in store.read_manifest(checkpoint)["inputs"] if i.startswith("tokenizer/")]
+    path = checkpoint.parent.parent / names[0] if names else None
+    if path is None or not path.is_dir():
+        raise StageError(f"{checkpoint}: its tokenizer ({names[0] if names else 'none named'}) is not in "
+                         f"{checkpoint.parent.parent}; give --tokenizer <the tokenizer store directory>")
+    return path
+
+
 def setup_device():
     from pipeline.train import setup_device as setup
     return setup("")
@@ -250,8 +265,8 @@ def main(argv=None):
     ap.add_argument("--config", default="config/config.yaml")
     ap.add_argument("--checkpoint", help="a train store directory (model.pt, model.json)")
     ap.add_argument("--hf-model", help="instead: a HuggingFace causal LM, e.g. openai-community/gpt2-xl or a folder")
-    ap.add_argument("--tokenizer", help="our tokenizer store directory (needed with --checkpoint; with --hf-model "
-                                        "the default is tiktoken's gpt2)")
+    ap.add_argument("--tokenizer", help="our tokenizer store directory (default: the one the --checkpoint store "
+                                        "directory was trained with; with --hf-model, tiktoken's gpt2)")
     ap.add_argument("--bundle", help="an eval bundle: its folder or eval_bundle.zip")
     ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
     ap.add_argument("--allow-missing-tasks", action="store_true")
@@ -266,18 +281,26 @@ def main(argv=None):
         root = Path(cfg["store_dir"])
         run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
             store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
-    elif (args.checkpoint and args.tokenizer or args.hf_model) and args.bundle and args.out:
+    elif (args.checkpoint or args.hf_model) and args.bundle and args.out:
+        tok_dir = args.tokenizer or (tokenizer_of(args.checkpoint) if not args.hf_model else None)
         device, rank, _, world = setup_device()
-        model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, args.tokenizer, device)
+        model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, tok_dir, device)
         with tempfile.TemporaryDirectory() as tmp:
             tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
             result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
                                    args.max_per_task, args.allow_missing_tasks, rank, world,
                                    log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
+        if args.hf_model:
+            source = {"hf_model": args.hf_model}
+        else:  # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
+            manifest = Path(args.checkpoint) / store.MANIFEST
+            source = {"checkpoint_key": store.read_manifest(args.checkpoint)["key"] if manifest.is_file() else None}
         if rank == 0:
-            store.write_json(args.out, {**result, **gpt2_verdict(result)})
+            store.write_json(args.out, {**result, **gpt2_verdict(result), **source,
+                                        "bundle_sha256": bundle.digest(args.bundle), "world_size": world})
     else:
-        ap.error("give --spec, --row, or --bundle and --out with --checkpoint and --tokenizer, or --hf-model")
+        ap.error("give --spec, --row, or --bundle and --out with --checkpoint (and --tokenizer where its store "
+                 "manifest does not lead to one) or --hf-model")
     return 0
 
 

@@ -190,6 +190,31 @@ def test_batched_scoring_gives_the_same_answers_as_one_item_at_a_time(smoke_data
         assert batched.correct(examples) == single.correct(examples), t.label
 
 
+def test_by_hand_on_a_store_checkpoint_gives_the_pipelines_core(smoke_run, mini, tmp_path):
+    """`python -m pipeline.core --checkpoint <train dir> --bundle <dir> --out core.json`, no --tokenizer:
+    the checkpoint's manifest leads to it, and numbers, checkpoint key and bundle sha256 are those of
+    the pipeline's results/smoke/core.json."""
+    published = json.loads((smoke_run["dir"] / "results" / "smoke" / "core.json").read_text())
+    ckpt = smoke_run["dir"] / smoke_run["cfg"]["store_dir"] / "train" / published["checkpoint_key"]
+    settings = smoke_run["cfg"]["rows"]["smoke"]["core"]
+    out = tmp_path / "core.json"
+    assert core.main(["--checkpoint", str(ckpt), "--bundle", str(mini), "--max-per-task", str(settings["max_per_task"]),
+                      "--allow-missing-tasks", "--batch-tokens", str(settings["batch_tokens"]), "--out", str(out)]) == 0
+    mine = json.loads(out.read_text())
+    assert mine["tasks"] == published["tasks"]
+    for field in ("core_metric", "checkpoint_key", "bundle_sha256", "partial", "missing_tasks"):
+        assert mine[field] == published[field], field
+
+
+@pytest.mark.bad_input
+def test_by_hand_without_a_tokenizer_to_find_asks_for_one(smoke_data, tmp_path, capsys):
+    ckpt = tmp_path / "hand-made"  # model files, but no store manifest to follow to a tokenizer
+    ckpt.mkdir()
+    rc = core.main(["--checkpoint", str(ckpt), "--bundle", str(CORE_MINI), "--out", str(tmp_path / "core.json")])
+    assert rc == 2 and "give --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "core.json").exists()
+
+
 def test_scored_spans_get_the_losses_of_the_full_logits():
     """The lm_head runs on the scored positions only: each span's losses and argmax must be those read
     off the whole logits of its row, run alone, as a straightforward scorer computes them."""
