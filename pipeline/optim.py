@@ -142,12 +142,13 @@ class MuonAdamW(torch.optim.Optimizer):
             return orthogonalize(u, steps).to(u.dtype)
         K = u.size(0)
         chunk = -(-K // world)
-        padded = u.new_zeros((chunk * world, *u.shape[1:]))
-        mine = orthogonalize(u[rank * chunk:min(K, (rank + 1) * chunk)], steps).to(u.dtype)
-        local = u.new_zeros((chunk, *u.shape[1:]))
+        # shared in the dtype the iteration ran in (bf16 on GPUs): half the bytes of fp32, same values
+        mine = orthogonalize(u[rank * chunk:min(K, (rank + 1) * chunk)], steps)
+        padded = mine.new_zeros((chunk * world, *u.shape[1:]))
+        local = mine.new_zeros((chunk, *u.shape[1:]))
         local[:mine.size(0)] = mine
         dist.all_gather_into_tensor(padded, local)
-        return padded[:K]
+        return padded[:K].to(u.dtype)
 
     @staticmethod
     def _normuon(u, second, beta2):
