@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -145,6 +146,26 @@ def _verdict(c, gpt2_core):
     return verdict
 
 
+def _setup(summary):
+    """How a row trained, in a few words: precision, compile, what ran the short windows."""
+    if not summary:
+        return None
+    fp8 = (summary.get("fp8_layers") or {}).get("converted")
+    parts = [f"fp8 ({len(fp8)} layers)" if fp8 else "bf16" if str(summary.get("device", "cpu")) != "cpu" else "fp32"]
+    if summary.get("compiled"):
+        parts.append("compiled")
+    if summary.get("window_attention") in ("flash", "masked"):
+        parts.append(f"{summary['window_attention']} windows")
+    return ", ".join(parts)
+
+
+def _over_runs(summary, field):
+    """`field` of a train summary; for a row trained once per seed, its mean over the seeds' runs."""
+    runs = summary.get("runs")
+    values = [r["train_summary"].get(field) for r in runs] if runs else [summary.get(field)]
+    return statistics.fmean(values) if values and None not in values else None
+
+
 def details(rows, gpt2_core, gpu_hour_usd):
     """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
     out = []
@@ -160,6 +181,7 @@ def details(rows, gpt2_core, gpu_hour_usd):
             "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
             "total_training_time_s": s.get("total_training_time"), "total_training_time_h": hours,
             "total_training_flops": s.get("total_training_flops"), "steps": s.get("step"),
+            "tok_per_sec": _over_runs(s, "tok_per_sec"), "mfu_percent": _over_runs(s, "mfu"), "setup": _setup(s),
             "seeds": len(_stage(m, "core")) or None,
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
             "core_min": spread.get("min"), "core_max": spread.get("max"), "beats_gpt2": _verdict(c, gpt2_core),
@@ -276,7 +298,8 @@ def formatted(table):
     shown = table.copy()
     for col, spec in (("total_training_time_s", ".0f"), ("total_training_time_h", ".2f"),
                       ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("core_std", ".4f"),
-                      ("core_min", ".4f"), ("core_max", ".4f"), ("cost_usd", ".2f")):
+                      ("core_min", ".4f"), ("core_max", ".4f"), ("cost_usd", ".2f"), ("tok_per_sec", ",.0f"),
+                      ("mfu_percent", ".1f")):
         if col in shown:
             shown[col] = [None if pd.isna(v) else format(v, spec) for v in shown[col]]
     return shown

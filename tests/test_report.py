@@ -46,7 +46,10 @@ def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, dev
                 "max_per_task": -1, "comparable_to_gpt2": not partial,
                 "beats_gpt2": None if partial else metric > 0.256525}
         summary = {"total_training_time": time_s + 60 * i, "total_training_flops": 4.33e19 * depth / 24,
-                   "step": 16704, "min_val_bpb": 0.7481, "val_bpb": 0.7483, "world_size": gpus, "device": device}
+                   "step": 16704, "min_val_bpb": 0.7481, "val_bpb": 0.7483, "world_size": gpus, "device": device,
+                   "tok_per_sec": 811000.0 + 1000 * i, "mfu": 48.5 + i, "compiled": True, "window_attention": "flash",
+                   "fp8_layers": {"converted": ["transformer.h.0.attn.c_q (1536->1536)", "lm_head (1536->32768)"],
+                                  "skipped": []}}
         steps = (1, 8000, 16704)
         metrics = [{"step": s, "loss": 3.0 - s / 10000, "total_training_time": time_s * s / 16704} for s in steps]
         metrics += [{"step": s, "val_bpb": 0.9 - s / 100000} for s in (0, 8000, 16704)]
@@ -108,6 +111,8 @@ def test_details_say_who_beats_gpt2_and_what_it_cost(built):
     assert jan29["beats_gpt2"] == "yes" and jan29["cost_usd"] == "72.00"          # 3 h x 8 GPUs x $3
     assert details_rows((out / "leaderboard.md").read_text())["d26_fp8"]["beats_gpt2"] == "not comparable (partial)"
     assert jan29["command"] == "`snakemake --cores all results/d24_jan29/core.json`"
+    assert (jan29["tok_per_sec"], jan29["mfu_percent"]) == ("811,000", "48.5")      # how fast, and how it ran
+    assert jan29["setup"] == "fp8 (2 layers), compiled, flash windows"
 
 
 def test_csv_matches_the_json_inputs(built):
@@ -167,6 +172,7 @@ def test_a_row_with_seeds_gives_mean_spread_and_count_beating_gpt2(seeded):
     assert {r[0]: r for r in table_rows(md)}["1 (ours)"][3] == "0.2566 ± 0.0040 (3 seeds, 2 beat GPT-2)"
     row = details_rows(md)["d24_jan29"]
     assert row["seeds"] == "3" and row["beats_gpt2"] == "yes (mean; 2 of 3 seeds beat it)"
+    assert (row["tok_per_sec"], row["mfu_percent"]) == ("812,000", "49.5")          # means over the seeds
     assert len(row["train_key"].split()) == 3
 
 
