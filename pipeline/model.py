@@ -1,7 +1,8 @@
 """The GPT of nanochat's speedrun (Feb 2026 recipe, leaderboard runs 1-4), written for this pipeline.
 
 - token embedding, then a weightless RMSNorm; untied lm_head; no biases anywhere
-- pre-norm blocks: attention (rotary, QK-norm, sliding window) and a ReLU^2 MLP (4x)
+- pre-norm blocks: attention (rotary, QK-norm, sliding window: FlashAttention's own on CUDA, a mask
+  elsewhere) and a ReLU^2 MLP (4x)
 - before every block: x = resid_lambda[i] * x + x0_lambda[i] * x0, x0 = the normed embedding
 - value embeddings on alternating layers (always the last), mixed into v through a 2*sigmoid gate
 - logits soft-capped at 15 in fp32; vocab padded to a multiple of 64
