@@ -154,14 +154,19 @@ def bits_per_byte(model, blocks, tok_dir, tokens, device, rank, world):
     return out
 
 
-def tokenizer_of(checkpoint):
+def train_manifest(checkpoint):
+    """A train store directory's manifest; None for a hand-made checkpoint folder (no manifest)."""
+    checkpoint = Path(checkpoint)
+    return store.read_manifest(checkpoint) if (checkpoint / store.MANIFEST).is_file() else None
+
+
+def tokenizer_of(checkpoint, manifest):
     """The tokenizer store directory a train store directory was trained with, from its manifest."""
     checkpoint = Path(checkpoint)
-    manifest = checkpoint / store.MANIFEST
-    if not manifest.is_file():
+    if manifest is None:
         raise StageError(f"{checkpoint}: no {store.MANIFEST} to find its tokenizer in (not a train store "
                          "directory); give --tokenizer <the tokenizer store directory>")
-    names = [i for i in store.read_manifest(checkpoint)["inputs"] if i.startswith("tokenizer/")]
+    names = [i for i in manifest["inputs"] if i.startswith("tokenizer/")]
     path = checkpoint.parent.parent / names[0] if names else None
     if path is None or not path.is_dir():
         raise StageError(f"{checkpoint}: its tokenizer ({names[0] if names else 'none named'}) is not in "
@@ -282,7 +287,8 @@ def main(argv=None):
         run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
             store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
     elif (args.checkpoint or args.hf_model) and args.bundle and args.out:
-        tok_dir = args.tokenizer or (tokenizer_of(args.checkpoint) if not args.hf_model else None)
+        manifest = None if args.hf_model else train_manifest(args.checkpoint)
+        tok_dir = args.tokenizer or (None if args.hf_model else tokenizer_of(args.checkpoint, manifest))
         device, rank, _, world = setup_device()
         model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, tok_dir, device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -290,11 +296,8 @@ def main(argv=None):
             result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
                                    args.max_per_task, args.allow_missing_tasks, rank, world,
                                    log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
-        if args.hf_model:
-            source = {"hf_model": args.hf_model}
-        else:  # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
-            manifest = Path(args.checkpoint) / store.MANIFEST
-            source = {"checkpoint_key": store.read_manifest(args.checkpoint)["key"] if manifest.is_file() else None}
+        # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
+        source = {"hf_model": args.hf_model} if args.hf_model else {"checkpoint_key": manifest and manifest["key"]}
         if rank == 0:
             store.write_json(args.out, {**result, **gpt2_verdict(result), **source,
                                         "bundle_sha256": bundle.digest(args.bundle), "world_size": world})

@@ -231,7 +231,7 @@ class GPT(nn.Module):
         """The normed last hidden state (B, T, C): what the lm_head reads."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        flash = self.flash_windows and idx.is_cuda
+        flash = self.window_kernel(idx.device) == "flash"
         x = rms_norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
