@@ -1,7 +1,7 @@
 """Training checkpoints: one directory per step, complete or absent.
 
     <dir>/step_000123/model.pt       fp32 master weights (state dict)
-                      optim.pt       optimizer state (identical on every rank, so rank 0 writes it)
+                      optim.pt       optimizer state (made whole on every rank first, so rank 0 writes it)
                       meta.json      step, loader position, loop state, RNG, model config, flags,
                                      and the size of each file above
 

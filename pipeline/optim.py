@@ -7,10 +7,15 @@ Muon (per group of same-shaped matrices, stacked):
   4. cautious weight decay: decay only where the update and the weight agree in sign
      p -= lr * u + lr * wd * p * [u * p >= 0],   lr scaled by sqrt(max(1, rows / cols))
 
-Under torch.distributed the optimizer averages gradients itself (no DDP wrapper). Each rank then
-orthogonalises its share of every group (the expensive part) and the results are all-gathered, so
-every rank applies the same update and holds the same state: a checkpoint of rank 0's state resumes
-on any world size.
+Under torch.distributed the optimizer averages gradients itself (no DDP wrapper), and every collective
+of a step is started before the first update, so the network moves later groups while this rank
+updates earlier ones. AdamW gradients are all-reduced. Muon gradients are reduce-scattered: each rank
+gets the average of its own contiguous chunk of every group's matrices, runs all of Muon on that chunk
+only (momentum, orthogonalisation, NorMuon, the update itself), and the updated weights are
+all-gathered. So Muon's elementwise work and its state updates are split over the ranks, and its
+gradients cross the network once instead of twice. Each rank's Muon state is current for its own chunk
+only: `gather_state()` (every rank, before a checkpoint) makes it whole again, so a checkpoint of rank 0's
+state resumes on any world size.
 """
 
 import torch
@@ -24,6 +29,11 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+BUCKET = 1 << 24  # AdamW gradients under this many elements are all-reduced together, as one flat tensor
+MUON_STATE = ("momentum_buffer", "second_momentum_buffer")
+# torch 2.13 renamed these two (the old names warn there); older torch has only the old names
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def orthogonalize(g, steps=5):
@@ -46,6 +56,19 @@ def _world():
     return 0, 1
 
 
+def _chunk(K, rank, world):
+    """This rank's rows [lo, hi) of K stacked matrices, and the padded chunk length every rank uses."""
+    chunk = -(-K // world)
+    return min(K, rank * chunk), min(K, (rank + 1) * chunk), chunk
+
+
+def _gather_chunks(local, K, async_op=False):
+    """All-gather every rank's (chunk, ...) rows into (K, ...): returns (work or None, the whole)."""
+    whole = local.new_empty((local.size(0) * dist.get_world_size(), *local.shape[1:]))
+    work = ALL_GATHER(whole, local, async_op=async_op)
+    return work, whole[:K]
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `kind`: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum,
     beta2, ns_steps, weight_decay; every param of a muon group has the same shape)."""
@@ -55,100 +78,142 @@ class MuonAdamW(torch.optim.Optimizer):
             if g["kind"] == "muon" and len({p.shape for p in g["params"]}) != 1:
                 raise ValueError("every parameter of a muon group must have the same shape")
         super().__init__(groups, {})
+        self._state_split = False  # whether Muon's state is current only for each rank's own chunk
 
     @torch.no_grad()
     def step(self):
         rank, world = _world()
-        if world > 1:
-            self._average_gradients(world)
-        for group in self.param_groups:
+        # every collective goes out first, in the order the updates need them
+        arriving = [self._reduce(group, rank, world) for group in self.param_groups]
+        gathers = []
+        for group, arrived in zip(self.param_groups, arriving, strict=True):
             if group["kind"] == "adamw":
-                self._adamw(group)
+                self._adamw(group, *arrived())
             else:
-                self._muon(group, rank, world)
+                gathers.append(self._muon(group, *arrived(), rank, world))
+        for finish in gathers:
+            finish()
+        self._state_split = world > 1
 
-    def _average_gradients(self, world, bucket=1 << 24):
-        """All-reduce every gradient: big ones in place, small ones packed into ~16M-element buckets
-        (a handful of collectives instead of hundreds, without a second copy of every gradient)."""
-        pending = []
+    def gather_state(self):
+        """Make every rank's Muon state whole (a collective: call it on every rank, before state_dict)."""
+        rank, world = _world()
+        if world > 1:
+            for group in self.param_groups:
+                state = self.state[group["params"][0]] if group["kind"] == "muon" else None
+                for name in MUON_STATE if state else ():
+                    K = state[name].size(0)
+                    lo, hi, chunk = _chunk(K, rank, world)
+                    local = state[name].new_zeros((chunk, *state[name].shape[1:]))
+                    local[:hi - lo] = state[name][lo:hi]
+                    state[name].copy_(_gather_chunks(local, K)[1])
+        self._state_split = False
 
-        def flush():
-            if pending:
-                flat = torch.cat([g.reshape(-1) for g in pending])
-                dist.all_reduce(flat)
-                torch._foreach_copy_(pending, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in pending]),
-                                                                             pending, strict=True)])
-                pending.clear()
+    def state_dict(self):
+        if self._state_split:
+            raise RuntimeError("Muon's state is split over the ranks: call gather_state() on every rank first")
+        return super().state_dict()
 
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.numel() >= bucket:
-                    dist.all_reduce(p.grad)
-                else:
-                    if pending and (pending[0].dtype != p.grad.dtype or
-                                    sum(g.numel() for g in pending) + p.grad.numel() > bucket):
-                        flush()
-                    pending.append(p.grad)
-        flush()
-        torch._foreach_div_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], world)
-
-    def _adamw(self, group):
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"]
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
-
-    def _muon(self, group, rank, world):
+    def _reduce(self, group, rank, world):
+        """Start averaging this group's gradients over the ranks; returns a call that waits for the result."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = torch.stack([p.grad for p in params])
-        state = self.state[params[0]]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(grads)
-            rows, cols = grads.shape[-2:]
-            state["second_momentum_buffer"] = grads.new_zeros(
-                (len(params), rows, 1) if rows >= cols else (len(params), 1, cols), dtype=torch.float32)
-        mu = group["momentum"]
-        buf = state["momentum_buffer"]
-        buf.lerp_(grads, 1 - mu)
-        update = self._orthogonalize_shared(grads.lerp_(buf, mu), group["ns_steps"], rank, world)
-        update = self._normuon(update, state["second_momentum_buffer"], group["beta2"])
-        rows, cols = grads.shape[-2:]
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        stacked = torch.stack(params)
-        mask = (update * stacked) >= 0
-        stacked.sub_(lr * update + lr * group["weight_decay"] * stacked * mask)
-        torch._foreach_copy_(params, list(stacked.unbind(0)))
+        if group["kind"] == "muon":
+            if params and len(params) != len(group["params"]):
+                raise ValueError("a muon group's matrices must all have gradients, or none")
+            return self._reduce_scatter(params, rank, world)
+        return self._all_reduce(params, world)
 
     @staticmethod
-    def _orthogonalize_shared(u, steps, rank, world):
-        """Orthogonalise all K matrices, each rank doing a contiguous chunk, then share the results."""
+    def _all_reduce(params, world):
+        """AdamW's gradients, averaged whole: big ones in place, small ones packed into one flat tensor
+        (one collective instead of one per scalar vector)."""
+        grads = [p.grad for p in params]
         if world == 1:
-            return orthogonalize(u, steps).to(u.dtype)
-        K = u.size(0)
-        chunk = -(-K // world)
-        # shared in the dtype the iteration ran in (bf16 on GPUs): half the bytes of fp32, same values
-        mine = orthogonalize(u[rank * chunk:min(K, (rank + 1) * chunk)], steps)
-        padded = mine.new_zeros((chunk * world, *u.shape[1:]))
-        local = mine.new_zeros((chunk, *u.shape[1:]))
-        local[:mine.size(0)] = mine
-        dist.all_gather_into_tensor(padded, local)
-        return padded[:K].to(u.dtype)
+            return lambda: (params, grads)
+        small = [g for g in grads if g.numel() < BUCKET]
+        flat = torch.cat([g.reshape(-1) for g in small]) if small else None
+        works = [dist.all_reduce(g, async_op=True) for g in grads if g.numel() >= BUCKET]
+        works += [dist.all_reduce(flat, async_op=True)] if small else []
+
+        def arrived():
+            for work in works:
+                work.wait()
+            if small:
+                torch._foreach_copy_(small, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in small]),
+                                                                           small, strict=True)])
+            torch._foreach_div_(grads, world)
+            return params, grads
+        return arrived
+
+    @staticmethod
+    def _reduce_scatter(params, rank, world):
+        """Muon's gradients, stacked (K, r, c): this rank receives the average of its own chunk only."""
+        if world == 1 or not params:
+            return lambda: (params, torch.stack([p.grad for p in params]) if params else None)
+        lo, hi, chunk = _chunk(len(params), rank, world)
+        stacked = params[0].grad.new_zeros((chunk * world, *params[0].shape))  # padded: every rank gets `chunk`
+        torch.stack([p.grad for p in params], out=stacked[:len(params)])
+        mine = stacked.new_empty((chunk, *params[0].shape))
+        work = REDUCE_SCATTER(mine, stacked, async_op=True)
+
+        def arrived():
+            work.wait()
+            return params, mine[:hi - lo].div_(world)
+        return arrived
+
+    def _adamw(self, group, params, grads):
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        t = states[0]["step"]
+        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_lerp_(exp_avg_sq, torch._foreach_mul(grads, grads), 1 - beta2)
+        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
+
+    def _muon(self, group, params, grads, rank, world):
+        """Update this rank's chunk of the group (all of it on one process); returns a call that
+        finishes the step (gathering every rank's updated weights)."""
+        if not params:
+            return lambda: None
+        K, shape = len(params), params[0].shape
+        lo, hi, chunk = _chunk(K, rank, world)
+        state = self.state[params[0]]
+        if not state:
+            rows, cols = shape
+            state["momentum_buffer"] = torch.zeros((K, *shape), dtype=grads.dtype, device=grads.device)
+            state["second_momentum_buffer"] = grads.new_zeros(
+                (K, rows, 1) if rows >= cols else (K, 1, cols), dtype=torch.float32)
+        local = params[0].new_zeros((chunk if world > 1 else K, *shape))
+        if hi > lo:
+            mu = group["momentum"]
+            buf = state["momentum_buffer"][lo:hi]
+            buf.lerp_(grads, 1 - mu)
+            update = orthogonalize(grads.lerp_(buf, mu), group["ns_steps"]).to(grads.dtype)
+            update = self._normuon(update, state["second_momentum_buffer"][lo:hi], group["beta2"])
+            lr = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
+            mine = torch.stack(params[lo:hi], out=local[:hi - lo])
+            mask = (update * mine) >= 0
+            mine.sub_(lr * update + lr * group["weight_decay"] * mine * mask)
+        if world == 1:
+            torch._foreach_copy_(params, list(local.unbind(0)))
+            return lambda: None
+        work, whole = _gather_chunks(local, K, async_op=True)
+
+        def finish():
+            work.wait()
+            torch._foreach_copy_(params, list(whole.unbind(0)))
+        return finish
 
     @staticmethod
     def _normuon(u, second, beta2):
