@@ -43,7 +43,7 @@ throughput() {  # throughput DEPTH DEVICE_BATCH [FLAG]: bench/train_throughput.p
     local tag=${3:-bf16}; tag=${tag#--}
     local log="$out/throughput_d$1_$tag.txt"
     run_for 150 "$log" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
-    echo "d$1 $tag: $(grep -E 'short windows|tok/s|MFU|nanochat|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
+    echo "d$1 $tag: $(grep -E 'attention:|FlashAttention-3|tok/s|MFU|nanochat|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
 }
 throughput 26 16 --fp8
 throughput 26 16

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout
+from pipeline import model as model_module  # noqa: E402
 from pipeline import train  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
 
@@ -52,6 +53,8 @@ def main():
     ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"])
     ap.add_argument("--masked-windows", action="store_true",
                     help="short windows as SDPA with a mask even on CUDA (what FlashAttention's window saves)")
+    ap.add_argument("--no-fa3", action="store_true", help="torch's own attention kernels even where "
+                    "FlashAttention-3 would load (Hopper, with HuggingFace `kernels` installed)")
     ap.add_argument("--grad-accum", type=int, default=4,
                     help="forward+backward passes per optimizer step (4: one GPU's share of run 3 on 8 GPUs; on "
                          "one GPU the optimizer then does all of Muon's orthogonalisation, 8x a rank's share)")
@@ -66,6 +69,8 @@ def main():
     model = GPT(config).to(device)
     model.init_weights()
     model.flash_windows = model.flash_windows and not args.masked_windows
+    if device.type == "cuda" and not args.masked_windows and not args.no_fa3:
+        print(f"FlashAttention-3: {model_module.use_fa3() or 'loaded'}")
     if args.fp8:
         converted, skipped = train.convert_fp8(model, "tensorwise", emulate=device.type == "cpu")  # as train does
         print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
@@ -106,7 +111,7 @@ def main():
     peak = train.peak_flops(device)
     print(f"device {name}, d{args.depth} (dim {config.n_embd}), {tokens} tokens/step, "
           f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile}, "
-          f"short windows: {model.window_kernel(device)} (torch {torch.__version__})")
+          f"attention: {model.window_kernel(device)} (torch {torch.__version__})")
     print(f"train: {seconds * 1000:.1f} ms/step ({args.grad_accum} x forward+backward, then the optimizer), "
           f"{tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
     print(f"forward+backward alone: {micro * 1000:.1f} ms, {rows / micro:,.0f} tok/s; optimizer "

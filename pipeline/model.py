@@ -27,6 +27,29 @@ except ImportError:
 HALF = (torch.bfloat16, torch.float16)  # the dtypes FlashAttention computes in
 
 
+FA3 = None  # FlashAttention-3's interface once use_fa3() has loaded it: then every layer runs through it
+FA3_KERNEL = "varunneal/flash-attention-3"  # the HuggingFace `kernels` build nanochat loads on Hopper
+
+
+def use_fa3():
+    """Load FlashAttention-3 for every attention layer, as nanochat does on Hopper (sm90), where it is
+    faster than torch's own FlashAttention-2. It comes through HuggingFace `kernels` (not a pinned
+    dependency: `pip install kernels`), which fetches the kernel from the hub once. Returns why not where
+    it does not load: then torch's kernels run, as on any other GPU."""
+    global FA3
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        return "not a Hopper GPU (FlashAttention-3 is built for sm90 only)"
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return "HuggingFace `kernels` is not installed (pip install kernels)"
+    try:
+        FA3 = get_kernel(FA3_KERNEL).flash_attn_interface
+    except Exception as e:  # the hub out of reach, or no build for this torch and CUDA
+        return f"{FA3_KERNEL} did not load ({type(e).__name__}: {e})"
+    return None
+
+
 def flash_windows_supported():
     """Whether this process can run the short windows through FlashAttention: a torch whose varlen_attn
     takes window_size, and a GPU it has flash kernels for (Ampere, sm80, or newer; a T4 or V100 keeps
@@ -105,17 +128,23 @@ def window_mask(seq_len, window, device=None):
     return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window)
 
 
-def attention(q, k, v, window=None):
+def attention(q, k, v, window=None, kernel="masked"):
     """Causal self-attention on (B, T, H, D) tensors. window: None (every earlier position) or
-    (size, mask, flash): each query sees itself and the `size` positions before it. With `flash` (a CUDA
-    device) FlashAttention applies the window itself and skips the blocks outside it, as nanochat's
-    flash_attn window_size does; otherwise SDPA with the boolean T x T `mask`, which computes every score
-    and discards the masked ones (and cannot use the flash kernel at all)."""
+    (size, mask): each query sees itself and the `size` positions before it. kernel (GPT.window_kernel):
+    - "fa3": FlashAttention-3 (use_fa3) for every layer, its own window_size for the short ones
+    - "flash": the short windows through torch's varlen FlashAttention, which applies the window itself
+      and skips the blocks outside it, as nanochat's flash_attn window_size does
+    - otherwise SDPA, causal, or with the boolean T x T `mask`: that computes every score and discards
+      the masked ones (and cannot use the flash kernel at all)."""
     B, T, H, D = q.shape
-    if window is not None and window[2]:
-        # autocast does not reach this custom op: give it the dtype SDPA would have computed in
+    if kernel in ("fa3", "flash"):
+        # autocast does not reach these custom ops: give them the dtype SDPA would have computed in
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
-        if dtype in HALF:
+        if dtype in HALF and kernel == "fa3":
+            y = FA3.flash_attn_func(*(t.to(dtype) for t in (q, k, v)), causal=True,
+                                    window_size=(-1 if window is None else window[0], 0))
+            return y[0] if isinstance(y, tuple) else y  # some builds also return the log-sum-exp
+        if dtype in HALF and window is not None:
             starts = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)  # B sequences of T
             y = varlen_attn(*(t.reshape(B * T, H, D).to(dtype) for t in (q, k, v)), starts, starts, T, T,
                             window_size=(window[0], 0))
@@ -139,7 +168,7 @@ class Attention(nn.Module):
         self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False)
                         if has_value_embedding(layer, config.n_layer) else None)
 
-    def forward(self, x, ve, cos, sin, window):
+    def forward(self, x, ve, cos, sin, window, kernel):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -148,7 +177,7 @@ class Attention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        return self.c_proj(attention(q, k, v, window).reshape(B, T, C))
+        return self.c_proj(attention(q, k, v, window, kernel).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -167,8 +196,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(rms_norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, window, kernel):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, window, kernel)
         return x + self.mlp(rms_norm(x))
 
 
@@ -231,14 +260,14 @@ class GPT(nn.Module):
         """The normed last hidden state (B, T, C): what the lm_head reads."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
-        flash = self.window_kernel(idx.device) == "flash"
+        kernel = self.window_kernel(idx.device)
         x = rms_norm(self.transformer.wte(idx))
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             w = self.windows[i]
-            x = block(x, ve, cos, sin, None if w >= T else (w, getattr(self, f"mask_{w}"), flash))
+            x = block(x, ve, cos, sin, None if w >= T else (w, getattr(self, f"mask_{w}")), kernel)
         return rms_norm(x)
 
     def head(self, h):
@@ -248,8 +277,11 @@ class GPT(nn.Module):
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def window_kernel(self, device):
-        """What computes the short-window layers on `device`: "flash" (FlashAttention's sliding window),
-        "masked" (SDPA with a mask, every score computed) or "none" (no short windows)."""
+        """What computes the attention layers on `device`: "fa3" (FlashAttention-3 runs every layer, the
+        short windows too), else what runs the short windows: "flash" (torch's FlashAttention sliding
+        window), "masked" (SDPA with a mask, every score computed) or "none" (no short windows)."""
+        if device.type == "cuda" and FA3 is not None:
+            return "fa3"
         if all(w >= self.config.sequence_len for w in self.windows):
             return "none"
         return "flash" if self.flash_windows and device.type == "cuda" else "masked"

@@ -147,14 +147,16 @@ def _verdict(c, gpt2_core):
 
 
 def _setup(summary):
-    """How a row trained, in a few words: precision, compile, what ran the short windows."""
+    """How a row trained, in a few words: precision, compile, what ran attention's short windows."""
     if not summary:
         return None
     fp8 = (summary.get("fp8_layers") or {}).get("converted")
     parts = [f"fp8 ({len(fp8)} layers)" if fp8 else "bf16" if str(summary.get("device", "cpu")) != "cpu" else "fp32"]
     if summary.get("compiled"):
         parts.append("compiled")
-    if summary.get("window_attention") in ("flash", "masked"):
+    if summary.get("window_attention") == "fa3":
+        parts.append("FlashAttention-3")
+    elif summary.get("window_attention") in ("flash", "masked"):
         parts.append(f"{summary['window_attention']} windows")
     return ", ".join(parts)
 

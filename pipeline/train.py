@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
-from pipeline.model import GPT, GPTConfig
+from pipeline.model import GPT, GPTConfig, use_fa3
 from pipeline.optim import MuonAdamW
 from pipeline.store import StageError
 
@@ -306,6 +306,10 @@ class Trainer:
                 raise StageError(f"--fp8 needs an fp8-capable device (CUDA compute capability 8.9+: Ada, Hopper "
                                  f"or newer); {self.device} is not. Drop --fp8, or add --fp8-fallback to train in "
                                  "bf16 instead")
+        if self.device.type == "cuda":
+            fa3_missing = use_fa3()  # nanochat's attention kernel on Hopper, where it loads
+            print("attention: " + (f"torch's kernels; FlashAttention-3 not used: {fa3_missing}" if fa3_missing
+                                   else "FlashAttention-3"), file=sys.stderr)
         self.model = model
         use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
         self.compiled = torch.compile(model, dynamic=False) if use_compile else model

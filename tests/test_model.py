@@ -212,15 +212,47 @@ def test_flash_windows_get_what_the_mask_means(monkeypatch):
     B, T, H, D, size = 3, 24, 2, 16, 5
     q, k, v = (torch.randn(B, T, H, D, dtype=torch.bfloat16) for _ in range(3))
     window = (size, window_mask(T, size))
-    flash = model_module.attention(q, k, v, (*window, True))
-    masked = model_module.attention(q, k, v, (*window, False))
+    flash = model_module.attention(q, k, v, window, "flash")
+    masked = model_module.attention(q, k, v, window, "masked")
     assert flash.shape == (B, T, H, D)
     assert (flash.float() - masked.float()).abs().max() < 2e-2
     # and the window matters: a key size + 1 back is out of sight, one size back is not
     k2 = k.clone()
     k2[:, 0] += 5
-    moved = model_module.attention(q, k2, v, (*window, True))
+    moved = model_module.attention(q, k2, v, window, "flash")
     assert torch.equal(moved[:, size + 1:], flash[:, size + 1:]) and not torch.equal(moved[:, size], flash[:, size])
+
+
+class FA3StandIn:
+    """FlashAttention-3's flash_attn_func contract: (B, T, H, D) half-precision tensors, causal, and a
+    query at i sees keys i - left .. i + right; this build also returns the log-sum-exp, as some do."""
+
+    def __init__(self):
+        self.window_sizes = []
+
+    def flash_attn_func(self, q, k, v, causal=False, window_size=(-1, -1)):
+        assert causal and q.dim() == 4 and q.dtype in model_module.HALF
+        self.window_sizes.append(window_size)
+        B, T, H, D = q.shape
+        starts = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
+        packed = (t.reshape(B * T, H, D) for t in (q, k, v))
+        return flash_varlen_reference(*packed, starts, starts, T, T, window_size=window_size).view(B, T, H, D), None
+
+
+def test_fa3_runs_every_layer_as_the_masked_path_does(monkeypatch):
+    """With FlashAttention-3 loaded (nanochat's kernel on Hopper), full and short-window layers alike
+    go through it, and the model computes what SDPA computes (a stand-in kernel here, in bf16)."""
+    monkeypatch.setattr(model_module, "FA3", fa3 := FA3StandIn())
+    model = tiny(pattern="SL", depth=2).to(torch.bfloat16)
+    for block in model.transformer.h:  # non-zero output projections, so attention shows in the logits
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
+    x = torch.randint(0, 256, (2, 32))
+    masked = model(x)
+    monkeypatch.setattr(GPT, "window_kernel", lambda self, device: "fa3")
+    through_fa3 = model(x)
+    assert fa3.window_sizes == [(16, 0), (-1, 0)]  # the short window of layer 0, then full context
+    assert (through_fa3 - masked).abs().max() < 0.01 * masked.abs().max()
+    assert not torch.equal(through_fa3, masked)  # it did run the other kernel
 
 
 def test_the_summary_can_say_which_kernel_ran_the_windows(monkeypatch):
@@ -233,6 +265,15 @@ def test_the_summary_can_say_which_kernel_ran_the_windows(monkeypatch):
     model.flash_windows = False  # what bench/train_throughput.py --masked-windows does
     assert model.window_kernel(torch.device("cuda")) == "masked"
     assert tiny(pattern="L", depth=2).window_kernel(torch.device("cpu")) == "none"
+    monkeypatch.setattr(model_module, "FA3", FA3StandIn())  # loaded: it runs every layer on the GPU
+    assert tiny(pattern="L", depth=2).window_kernel(torch.device("cuda")) == "fa3"
+    assert model.window_kernel(torch.device("cpu")) == "masked"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(model_module, "FA3", None)
+    assert "not a Hopper GPU" in model_module.use_fa3() and model_module.FA3 is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(sys.modules, "kernels", None)  # not installed
+    assert "pip install kernels" in model_module.use_fa3() and model_module.FA3 is None
 
 
 def test_orthogonalize_flattens_the_spectrum():

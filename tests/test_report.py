@@ -113,6 +113,8 @@ def test_details_say_who_beats_gpt2_and_what_it_cost(built):
     assert jan29["command"] == "`snakemake --cores all results/d24_jan29/core.json`"
     assert (jan29["tok_per_sec"], jan29["mfu_percent"]) == ("811,000", "48.5")      # how fast, and how it ran
     assert jan29["setup"] == "fp8 (2 layers), compiled, flash windows"
+    assert report._setup({"device": "cuda:0", "compiled": True, "window_attention": "fa3"}) == \
+        "bf16, compiled, FlashAttention-3"
 
 
 def test_csv_matches_the_json_inputs(built):
