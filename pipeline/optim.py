@@ -9,13 +9,16 @@ Muon (per group of same-shaped matrices, stacked):
 
 Under torch.distributed the optimizer averages gradients itself (no DDP wrapper), and every collective
 of a step is started before the first update, so the network moves later groups while this rank
-updates earlier ones. AdamW gradients are all-reduced. Muon gradients are reduce-scattered: each rank
-gets the average of its own contiguous chunk of every group's matrices, runs all of Muon on that chunk
-only (momentum, orthogonalisation, NorMuon, the update itself), and the updated weights are
-all-gathered. So Muon's elementwise work and its state updates are split over the ranks, and its
-gradients cross the network once instead of twice. Each rank's Muon state is current for its own chunk
-only: `gather_state()` (every rank, before a checkpoint) makes it whole again, so a checkpoint of rank 0's
-state resumes on any world size.
+updates earlier ones. The work is split over the ranks, as nanochat splits it:
+- Muon: gradients are reduce-scattered, so each rank gets the average of its own contiguous chunk of
+  every group's matrices; it runs all of Muon on that chunk only (momentum, orthogonalisation, NorMuon,
+  the update), and the updated weights are all-gathered.
+- AdamW: the big parameters (embeddings, lm_head) likewise by rows; the small ones are all-reduced and
+  updated whole on every rank.
+So the elementwise work and the state updates are split too, and gradients cross the network once
+instead of twice. Each rank's state is then current for its own share only: `gather_state()` (every
+rank, before a checkpoint) makes it whole again, so a checkpoint of rank 0's state resumes on any world
+size.
 """
 
 import torch
@@ -31,6 +34,7 @@ POLAR_EXPRESS = (
 )
 BUCKET = 1 << 24  # AdamW gradients under this many elements are all-reduced together, as one flat tensor
 MUON_STATE = ("momentum_buffer", "second_momentum_buffer")
+ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 # torch 2.13 renamed these two (the old names warn there); older torch has only the old names
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -73,45 +77,51 @@ class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `kind`: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum,
     beta2, ns_steps, weight_decay; every param of a muon group has the same shape)."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, split_from=BUCKET):
         for g in groups:
             if g["kind"] == "muon" and len({p.shape for p in g["params"]}) != 1:
                 raise ValueError("every parameter of a muon group must have the same shape")
         super().__init__(groups, {})
-        self._state_split = False  # whether Muon's state is current only for each rank's own chunk
+        self.split_from = split_from  # AdamW parameters this big are split by rows over the ranks
+        self._state_split = False  # whether the state is current only for each rank's own share
+
+    def _split_rows(self, p, world):
+        """Whether AdamW splits this parameter's rows over the ranks (the embeddings and the lm_head)."""
+        return world > 1 and p.numel() >= self.split_from and p.size(0) % world == 0
 
     @torch.no_grad()
     def step(self):
         rank, world = _world()
         # every collective goes out first, in the order the updates need them
         arriving = [self._reduce(group, rank, world) for group in self.param_groups]
-        gathers = []
-        for group, arrived in zip(self.param_groups, arriving, strict=True):
-            if group["kind"] == "adamw":
-                self._adamw(group, *arrived())
-            else:
-                gathers.append(self._muon(group, *arrived(), rank, world))
-        for finish in gathers:
+        finishing = [(self._adamw if group["kind"] == "adamw" else self._muon)(group, *arrived(), rank, world)
+                     for group, arrived in zip(self.param_groups, arriving, strict=True)]
+        for finish in finishing:
             finish()
         self._state_split = world > 1
 
     def gather_state(self):
-        """Make every rank's Muon state whole (a collective: call it on every rank, before state_dict)."""
+        """Make every rank's state whole (a collective: call it on every rank, before state_dict)."""
         rank, world = _world()
         if world > 1:
             for group in self.param_groups:
-                state = self.state[group["params"][0]] if group["kind"] == "muon" else None
-                for name in MUON_STATE if state else ():
-                    K = state[name].size(0)
-                    lo, hi, chunk = _chunk(K, rank, world)
-                    local = state[name].new_zeros((chunk, *state[name].shape[1:]))
-                    local[:hi - lo] = state[name][lo:hi]
-                    state[name].copy_(_gather_chunks(local, K)[1])
+                if group["kind"] == "muon":
+                    state = self.state.get(group["params"][0], {})
+                    split = [state[name] for name in MUON_STATE if name in state]
+                else:
+                    split = [self.state[p][name] for p in group["params"]
+                             if p in self.state and self._split_rows(p, world) for name in ADAMW_STATE]
+                for whole in split:
+                    lo, hi, chunk = _chunk(whole.size(0), rank, world)
+                    local = whole.new_zeros((chunk, *whole.shape[1:]))
+                    local[:hi - lo] = whole[lo:hi]
+                    whole.copy_(_gather_chunks(local, whole.size(0))[1])
         self._state_split = False
 
     def state_dict(self):
         if self._state_split:
-            raise RuntimeError("Muon's state is split over the ranks: call gather_state() on every rank first")
+            raise RuntimeError("the optimizer's state is split over the ranks: call gather_state() on every "
+                               "rank first")
         return super().state_dict()
 
     def _reduce(self, group, rank, world):
@@ -121,18 +131,25 @@ class MuonAdamW(torch.optim.Optimizer):
             if params and len(params) != len(group["params"]):
                 raise ValueError("a muon group's matrices must all have gradients, or none")
             return self._reduce_scatter(params, rank, world)
-        return self._all_reduce(params, world)
+        return self._all_reduce(params, rank, world)
 
-    @staticmethod
-    def _all_reduce(params, world):
-        """AdamW's gradients, averaged whole: big ones in place, small ones packed into one flat tensor
-        (one collective instead of one per scalar vector)."""
-        grads = [p.grad for p in params]
+    def _all_reduce(self, params, rank, world):
+        """AdamW's gradients, averaged. A big one whose rows divide evenly (embeddings, lm_head) is
+        reduce-scattered by rows: this rank gets, and will update, its own rows only. Other big ones are
+        all-reduced in place, the small ones packed into one flat tensor (one collective, not one each)."""
+        rows = [slice(None)] * len(params)
         if world == 1:
-            return lambda: (params, grads)
-        small = [g for g in grads if g.numel() < BUCKET]
+            return lambda: (params, [p.grad for p in params], rows)
+        own, works = {}, []
+        for i, p in enumerate(params):
+            if self._split_rows(p, world):
+                lo, hi, _ = _chunk(p.size(0), rank, world)
+                rows[i], own[i] = slice(lo, hi), p.grad.new_empty((hi - lo, *p.shape[1:]))
+                works.append(REDUCE_SCATTER(own[i], p.grad, async_op=True))
+        whole = [p.grad for i, p in enumerate(params) if i not in own]
+        small = [g for g in whole if g.numel() < BUCKET]
         flat = torch.cat([g.reshape(-1) for g in small]) if small else None
-        works = [dist.all_reduce(g, async_op=True) for g in grads if g.numel() >= BUCKET]
+        works += [dist.all_reduce(g, async_op=True) for g in whole if g.numel() >= BUCKET]
         works += [dist.all_reduce(flat, async_op=True)] if small else []
 
         def arrived():
@@ -141,8 +158,9 @@ class MuonAdamW(torch.optim.Optimizer):
             if small:
                 torch._foreach_copy_(small, [c.view_as(g) for c, g in zip(flat.split([g.numel() for g in small]),
                                                                            small, strict=True)])
+            grads = [own.get(i, p.grad) for i, p in enumerate(params)]
             torch._foreach_div_(grads, world)
-            return params, grads
+            return params, grads, rows
         return arrived
 
     @staticmethod
@@ -161,9 +179,11 @@ class MuonAdamW(torch.optim.Optimizer):
             return params, mine[:hi - lo].div_(world)
         return arrived
 
-    def _adamw(self, group, params, grads):
+    def _adamw(self, group, params, grads, rows, rank, world):
+        """Update `rows` of each parameter (all of it, or this rank's share); returns a call that
+        finishes the step (gathering every rank's rows)."""
         if not params:
-            return
+            return lambda: None
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
@@ -171,15 +191,24 @@ class MuonAdamW(torch.optim.Optimizer):
                 state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             state["step"] += 1
         t = states[0]["step"]
-        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        mine = [p[r] for p, r in zip(params, rows, strict=True)]
+        exp_avg = [s["exp_avg"][r] for s, r in zip(states, rows, strict=True)]
+        exp_avg_sq = [s["exp_avg_sq"][r] for s, r in zip(states, rows, strict=True)]
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_mul_(mine, 1 - group["lr"] * group["weight_decay"])
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         torch._foreach_lerp_(exp_avg_sq, torch._foreach_mul(grads, grads), 1 - beta2)
         denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** t)
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(params, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
+        torch._foreach_addcdiv_(mine, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
+        works = [ALL_GATHER(p, p[r].clone(), async_op=True) for p, r in zip(params, rows, strict=True)
+                 if r != slice(None)]
+
+        def finish():
+            for work in works:
+                work.wait()
+        return finish
 
     def _muon(self, group, params, grads, rank, world):
         """Update this rank's chunk of the group (all of it on one process); returns a call that

@@ -1,5 +1,5 @@
-"""MuonAdamW split over processes (gloo): each rank updates its own chunk of Muon's matrices, and the
-result is what one process computes."""
+"""MuonAdamW split over processes (gloo): each rank updates its own chunk of Muon's matrices and its
+own rows of AdamW's big parameters, and the result is what one process computes."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from pipeline import train
 from pipeline.model import GPT, GPTConfig
 
 BATCH_ROWS = 6  # split evenly over 1, 2 and 3 ranks, so every world size averages the same gradient
+SPLIT_FROM = 4096  # AdamW splits parameters this big by rows: here the embeddings and lm_head (128 x 64)
 HP = {"lr": {"embedding": 0.3, "unembedding": 0.004, "scalar": 0.5, "matrix": 0.02}, "weight_decay": 0.1}
 
 
@@ -25,6 +26,7 @@ def train_tiny(rank, world, out, steps=4):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     opt = train.make_optimizer(model, HP, train.parse_args([]))
+    opt.split_from = SPLIT_FROM
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
         batch = torch.randint(0, 128, (BATCH_ROWS, 17), generator=data)
@@ -40,7 +42,8 @@ def train_tiny(rank, world, out, steps=4):
         except RuntimeError:
             refused = True
         opt.gather_state()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "refused": refused},
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "refused": refused,
+                "split_rows": opt._split_rows(model.lm_head.weight, world)},
                out / f"rank{rank}.pt")
     if world > 1:
         dist.destroy_process_group()
@@ -76,6 +79,7 @@ def test_split_optimizer_steps_as_one_process_does(one_process, world, tmp_path)
     # a group of one matrix (the value-embedding gate) leaves a rank without any at both world sizes
     assert len(muon_state) == 2 * 4 and any(reference[k].size(0) < world for k in muon_state)
     for saved in ranks:
+        assert saved["split_rows"] == (world == 2)  # 128 rows split over 2 ranks; over 3, updated whole
         assert saved["refused"]  # a split state is not checkpointed by accident
         got = tensors({"model": saved["model"], "optim": saved["optim"]["state"]})
         assert got.keys() == reference.keys()
