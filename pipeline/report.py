@@ -147,7 +147,7 @@ def _verdict(c, gpt2_core):
 
 
 def _setup(summary):
-    """How a row trained, in a few words: precision, compile, what ran attention's short windows."""
+    """How a row trained, in a few words: precision, compile, which kernel ran attention."""
     if not summary:
         return None
     fp8 = (summary.get("fp8_layers") or {}).get("converted")

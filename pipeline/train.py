@@ -351,7 +351,7 @@ class Trainer:
     def save(self):
         meta = {"step": self.step, "loader": self.loader.state_dict(), "loop": self.loop,
                 "rng": torch.get_rng_state().tolist(), "model": self.hp["model"], "flags": vars(self.args)}
-        self.optimizer.gather_state()  # every rank: each holds only its own share of Muon's state
+        self.optimizer.gather_state()  # every rank: each holds only its own share of the optimizer's state
         if self.master:
             checkpoint.save(self.ckpt_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta)
         if self.world > 1:
