@@ -79,7 +79,8 @@ def main():
     flags = train.parse_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}",
                               f"--device-batch-size={args.device_batch_size}",
                               f"--total-batch-size={args.grad_accum * args.device_batch_size * args.max_seq_len}"])
-    optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1), flags)
+    optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1), flags,
+                                     compiled=use_compile and device.type == "cuda")  # as train does
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))

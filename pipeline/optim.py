@@ -54,6 +54,36 @@ def orthogonalize(g, steps=5):
     return x.mT if tall else x
 
 
+def normuon(u, second, beta2):
+    """Scale each row (or column) by the inverse root of its running mean square `second` (updated in
+    place), then restore the update's overall norm: every output unit moves at a similar rate."""
+    reduce_dim = -1 if second.size(-1) == 1 else -2
+    sq = u.float().square()
+    second.lerp_(sq.mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    scaled = u.float() * second.clamp_min(1e-10).rsqrt()
+    norm = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
+    scaled_norm = scaled.square().sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-10)
+    return (scaled * (norm / scaled_norm)).to(u.dtype)
+
+
+def muon_update(grads, buf, second, weights, momentum, lr, weight_decay, beta2, ns_steps):
+    """One Muon step of a stack of matrices, in place on the momentum `buf`, NorMuon's `second` and the
+    `weights` (grads is overwritten too). lr already holds the shape factor."""
+    buf.lerp_(grads, 1 - momentum)
+    update = normuon(orthogonalize(grads.lerp_(buf, momentum), ns_steps).to(grads.dtype), second, beta2)
+    weights.sub_(lr * update + lr * weight_decay * weights * ((update * weights) >= 0))
+
+
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, lr, bias1, bias2, beta1, beta2, eps, weight_decay):
+    """One AdamW step of each parameter, in place; bias1 and bias2 are Adam's bias corrections."""
+    for p, g, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.lerp_(g.square(), 1 - beta2)
+        p.sub_(lr / bias1 * exp_avg / ((exp_avg_sq / bias2).sqrt() + eps))
+
+
 def _world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -77,12 +107,18 @@ class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `kind`: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum,
     beta2, ns_steps, weight_decay; every param of a muon group has the same shape)."""
 
-    def __init__(self, groups, split_from=BUCKET):
+    def __init__(self, groups, split_from=BUCKET, compiled=False):
         for g in groups:
             if g["kind"] == "muon" and len({p.shape for p in g["params"]}) != 1:
                 raise ValueError("every parameter of a muon group must have the same shape")
         super().__init__(groups, {})
         self.split_from = split_from  # AdamW parameters this big are split by rows over the ranks
+        # compiled (nanochat compiles its optimizer too): an update is a few fused kernels instead of ~25
+        # passes over the weights. What changes from step to step (learning rate, momentum, weight decay,
+        # bias corrections) goes in as 0-d tensors, so a new value is not a new graph.
+        compile_ = (lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)) if compiled else (lambda fn: fn)
+        self._muon_update, self._adamw_update = compile_(muon_update), compile_(adamw_update)
+        self._varying = (lambda x: torch.tensor(x, dtype=torch.float32)) if compiled else float
         self._state_split = False  # whether the state is current only for each rank's own share
 
     def _split_rows(self, p, world):
@@ -190,18 +226,12 @@ class MuonAdamW(torch.optim.Optimizer):
             if not state:
                 state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             state["step"] += 1
-        t = states[0]["step"]
-        mine = [p[r] for p, r in zip(params, rows, strict=True)]
-        exp_avg = [s["exp_avg"][r] for s, r in zip(states, rows, strict=True)]
-        exp_avg_sq = [s["exp_avg_sq"][r] for s, r in zip(states, rows, strict=True)]
-        if group["weight_decay"]:
-            torch._foreach_mul_(mine, 1 - group["lr"] * group["weight_decay"])
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_lerp_(exp_avg_sq, torch._foreach_mul(grads, grads), 1 - beta2)
-        denom = torch._foreach_div(exp_avg_sq, 1 - beta2 ** t)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        torch._foreach_addcdiv_(mine, exp_avg, denom, value=-group["lr"] / (1 - beta1 ** t))
+        t, varying = states[0]["step"], self._varying
+        self._adamw_update([p[r] for p, r in zip(params, rows, strict=True)], grads,
+                           [s["exp_avg"][r] for s, r in zip(states, rows, strict=True)],
+                           [s["exp_avg_sq"][r] for s, r in zip(states, rows, strict=True)],
+                           varying(group["lr"]), varying(1 - beta1 ** t), varying(1 - beta2 ** t), beta1, beta2,
+                           group["eps"], group["weight_decay"])
         works = [ALL_GATHER(p, p[r].clone(), async_op=True) for p, r in zip(params, rows, strict=True)
                  if r != slice(None)]
 
@@ -225,15 +255,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 (K, rows, 1) if rows >= cols else (K, 1, cols), dtype=torch.float32)
         local = params[0].new_zeros((chunk if world > 1 else K, *shape))
         if hi > lo:
-            mu = group["momentum"]
-            buf = state["momentum_buffer"][lo:hi]
-            buf.lerp_(grads, 1 - mu)
-            update = orthogonalize(grads.lerp_(buf, mu), group["ns_steps"]).to(grads.dtype)
-            update = self._normuon(update, state["second_momentum_buffer"][lo:hi], group["beta2"])
-            lr = group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5
-            mine = torch.stack(params[lo:hi], out=local[:hi - lo])
-            mask = (update * mine) >= 0
-            mine.sub_(lr * update + lr * group["weight_decay"] * mine * mask)
+            varying = self._varying
+            self._muon_update(grads, state["momentum_buffer"][lo:hi], state["second_momentum_buffer"][lo:hi],
+                              torch.stack(params[lo:hi], out=local[:hi - lo]), varying(group["momentum"]),
+                              varying(group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5),
+                              varying(group["weight_decay"]), group["beta2"], group["ns_steps"])
         if world == 1:
             torch._foreach_copy_(params, list(local.unbind(0)))
             return lambda: None
@@ -243,16 +269,3 @@ class MuonAdamW(torch.optim.Optimizer):
             work.wait()
             torch._foreach_copy_(params, list(whole.unbind(0)))
         return finish
-
-    @staticmethod
-    def _normuon(u, second, beta2):
-        """Scale each row (or column) by the inverse root of its running mean square, then restore the
-        update's overall norm: every output unit moves at a similar rate."""
-        reduce_dim = -1 if second.size(-1) == 1 else -2
-        sq = u.float().square()
-        mean_sq = sq.mean(dim=reduce_dim, keepdim=True)
-        second.lerp_(mean_sq, 1 - beta2)
-        scaled = u.float() * second.clamp_min(1e-10).rsqrt()
-        norm = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
-        scaled_norm = scaled.square().sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-10)
-        return (scaled * (norm / scaled_norm)).to(u.dtype)

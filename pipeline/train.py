@@ -148,9 +148,9 @@ def muon_momentum(step):
     return 0.85 * (1 - frac) + 0.95 * frac
 
 
-def make_optimizer(model, hp, args):
+def make_optimizer(model, hp, args, compiled=False):
     """AdamW for embeddings, lm_head and the per-layer scalars; Muon for the blocks' matrices,
-    one group per shape."""
+    one group per shape. `compiled`: the updates through torch.compile (with the model, on CUDA)."""
     lr, betas = hp["lr"], (args.adam_beta1, args.adam_beta2)
 
     def adamw(params, lr, betas=betas):
@@ -168,7 +168,7 @@ def make_optimizer(model, hp, args):
     for shape in sorted(by_shape):
         groups.append({"kind": "muon", "params": by_shape[shape], "lr": lr["matrix"], "initial_lr": lr["matrix"],
                        "momentum": 0.95, "beta2": 0.95, "ns_steps": 5, "weight_decay": hp["weight_decay"]})
-    return MuonAdamW([g for g in groups if g["params"]])
+    return MuonAdamW([g for g in groups if g["params"]], compiled=compiled)
 
 
 # ----------------------------------------------------------------------------- device, fp8, eval
@@ -313,7 +313,8 @@ class Trainer:
         self.model = model
         use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
         self.compiled = torch.compile(model, dynamic=False) if use_compile else model
-        self.optimizer = make_optimizer(model, hp, args)
+        # on CUDA the optimizer compiles with the model; on a CPU its elementwise passes are not what a step waits on
+        self.optimizer = make_optimizer(model, hp, args, compiled=use_compile and self.device.type == "cuda")
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state)
         self.step = meta.get("step", 0)
