@@ -52,7 +52,8 @@ def main():
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"])
     ap.add_argument("--masked-windows", action="store_true",
-                    help="short windows as SDPA with a mask even on CUDA (what FlashAttention's window saves)")
+                    help="short windows as SDPA with a mask even on CUDA, and no FlashAttention-3 (what "
+                         "FlashAttention's window saves)")
     ap.add_argument("--no-fa3", action="store_true", help="torch's own attention kernels even where "
                     "FlashAttention-3 would load (Hopper, with HuggingFace `kernels` installed)")
     ap.add_argument("--grad-accum", type=int, default=4,
