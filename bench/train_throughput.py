@@ -58,7 +58,9 @@ def main():
                     "FlashAttention-3 would load (Hopper, with HuggingFace `kernels` installed)")
     ap.add_argument("--grad-accum", type=int, default=4,
                     help="forward+backward passes per optimizer step (4: one GPU's share of run 3 on 8 GPUs; on "
-                         "one GPU the optimizer then does all of Muon's orthogonalisation, 8x a rank's share)")
+                         "one GPU the optimizer then does all its work, 8x a rank's share: see --ranks)")
+    ap.add_argument("--ranks", type=int, default=8, help="also report tok/s as one rank of this many GPUs, "
+                    "which does 1/N of the optimizer's work (nanochat's per-GPU figures are from 8)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup untimed ones")
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
@@ -116,8 +118,12 @@ def main():
           f"attention: {model.window_kernel(device)} (torch {torch.__version__})")
     print(f"train: {seconds * 1000:.1f} ms/step ({args.grad_accum} x forward+backward, then the optimizer), "
           f"{tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
+    optimizer_seconds = max(0.0, seconds - args.grad_accum * micro)
+    # a rank of an N-GPU run does 1/N of the optimizer's work (MuonAdamW splits it); collectives not counted
+    as_rank = tokens / (args.grad_accum * micro + optimizer_seconds / args.ranks)
     print(f"forward+backward alone: {micro * 1000:.1f} ms, {rows / micro:,.0f} tok/s; optimizer "
-          f"{max(0.0, seconds - args.grad_accum * micro) * 1000:.1f} ms/step")
+          f"{optimizer_seconds * 1000:.1f} ms/step; as one of {args.ranks} ranks (1/{args.ranks} of the optimizer, "
+          f"collectives not counted): {as_rank:,.0f} tok/s")
     print(f"reference matmul ({rows}x{config.n_embd} @ {config.n_embd}x{4 * config.n_embd}): "
           f"{reference / 1e12:.3f} TFLOP/s")
     print(f"ratio train/matmul FLOP/s: {flops / reference:.3f}")
@@ -125,8 +131,9 @@ def main():
         print(f"MFU vs {peak / 1e12:.0f} TFLOP/s bf16 peak: {100 * flops / peak:.1f}%")
     if device.type == "cuda" and ("h100" in name.lower() or "h200" in name.lower()) and args.depth == 26:
         ref = NANOCHAT_D26_H100[args.fp8]  # an H200 has the H100's bf16/fp8 peak, with faster memory
-        print(f"vs nanochat d26 on H100 ({ref / 1e3:.1f}K tok/s): {tokens / seconds / ref:.3f}"
-              f" -> {'MET' if tokens / seconds > ref else 'NOT MET'}")
+        print(f"vs nanochat d26 on H100 ({ref / 1e3:.1f}K tok/s per GPU of 8): {tokens / seconds / ref:.3f}"
+              f" -> {'MET' if tokens / seconds > ref else 'NOT MET'} (this GPU doing the whole optimizer); "
+              f"as one of {args.ranks} ranks: {as_rank / ref:.3f}")
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
