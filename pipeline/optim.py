@@ -205,8 +205,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if world == 1 or not params:
             return lambda: (params, torch.stack([p.grad for p in params]) if params else None)
         lo, hi, chunk = _chunk(len(params), rank, world)
-        stacked = params[0].grad.new_zeros((chunk * world, *params[0].shape))  # padded: every rank gets `chunk`
+        stacked = params[0].grad.new_empty((chunk * world, *params[0].shape))  # padded: every rank gets `chunk`
         torch.stack([p.grad for p in params], out=stacked[:len(params)])
+        stacked[len(params):].zero_()  # only the padding: the stack fills the rest
         mine = stacked.new_empty((chunk, *params[0].shape))
         work = REDUCE_SCATTER(mine, stacked, async_op=True)
 
@@ -253,7 +254,8 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros((K, *shape), dtype=grads.dtype, device=grads.device)
             state["second_momentum_buffer"] = grads.new_zeros(
                 (K, rows, 1) if rows >= cols else (K, 1, cols), dtype=torch.float32)
-        local = params[0].new_zeros((chunk if world > 1 else K, *shape))
+        local = params[0].new_empty((chunk if world > 1 else K, *shape))
+        local[hi - lo:].zero_()  # only the padding (if any): the stack below fills the rest
         if hi > lo:
             varying = self._varying
             self._muon_update(grads, state["momentum_buffer"][lo:hi], state["second_momentum_buffer"][lo:hi],

@@ -14,14 +14,19 @@ SPLIT_FROM = 4096  # AdamW splits parameters this big by rows: here the embeddin
 HP = {"lr": {"embedding": 0.3, "unembedding": 0.004, "scalar": 0.5, "matrix": 0.02}, "weight_decay": 0.1}
 
 
+def tiny_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_embd=64))
+    model.init_weights()
+    return model
+
+
 def train_tiny(rank, world, out, steps=4):
     """A few optimizer steps of a 2-layer GPT, the batch's rows shared out over `world` ranks; each rank
     saves its weights and its (gathered) optimizer state."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_embd=64))
-    model.init_weights()
+    model = tiny_gpt()
     with torch.no_grad():  # off the init's zeros, whose near-zero gradients Adam would turn into noise
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -100,9 +105,7 @@ def test_compiled_updates_compute_what_eager_does():
     torch._dynamo.reset()
     runs = []
     for compiled in (False, True):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_embd=64))
-        model.init_weights()
+        model = tiny_gpt()
         opt = train.make_optimizer(model, HP, train.parse_args([]), compiled=compiled)
         grads = torch.Generator().manual_seed(1)
         for step in range(3):
