@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from pipeline import recipe as recipes
 from pipeline.store import StageError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -96,17 +97,47 @@ def _cross_messages(cfg):
         if "seeds" in row and "seed" in row["train"]:
             out.append(f"{where}.seeds: the row also sets train.seed; keep one of them "
                        f"(seeds: [{row['train']['seed']}] for a single seed)")
-        out += _batch_messages(where, row)
+        recipe_problems = _recipe_messages(where, row)
+        out += recipe_problems
+        if ds is not None and "val_shard" in row:
+            out += _val_shard_messages(where, row, ds)
+        if not recipe_problems:
+            out += _batch_messages(where, row)
     return out
 
 
+def _recipe_messages(where, row):
+    """The row's recipe exists, its knob overrides are knobs of it, and its flags are its commit's."""
+    try:
+        commit = recipes.commit_of(row.get("recipe"))
+    except recipes.RecipeError as e:
+        return [f"{where}.recipe: {e}"]
+    out = [f"{where}.knobs.{name}: {problem}" for name, value in row.get("knobs", {}).items()
+           if (problem := recipes.override_problem(commit, name, value))]
+    out += [f"{where}.train.{name}: {problem}" for name, value in row["train"].items()
+            if value not in (None, False) and (problem := recipes.flag_problem(commit, name))]
+    return out
+
+
+def _val_shard_messages(where, row, ds):
+    shards, val = row.get("train_shards", "auto"), row["val_shard"]
+    if val > ds["val_shard"]:
+        return [f"{where}.val_shard: {val} is past the end of dataset {row['dataset']!r} (its last shard is "
+                f"{ds['val_shard']})"]
+    if isinstance(shards, int) and val < shards:
+        return [f"{where}.val_shard: {val} is one of the training shards (0..{shards - 1}); validate on a shard "
+                f"the row does not train on, e.g. {shards} or the dataset's last, {ds['val_shard']}"]
+    return []
+
+
 def _batch_messages(where, row):
-    train, launch = row["train"], row.get("launch", {})
-    total = train.get("total_batch_size", -1)
+    launch = row.get("launch", {})
+    train = recipes.settle(row.get("recipe"), row["train"])
+    total = train["total_batch_size"]
     if total == -1:
         return []  # auto-sized by the train stage, which checks divisibility once it knows the size
     world = launch.get("nproc_per_node", 8) * launch.get("nodes", 1)
-    per_step = train.get("device_batch_size", 32) * train.get("max_seq_len", 2048) * world
+    per_step = train["device_batch_size"] * train["max_seq_len"] * world
     if total % per_step:
         return [f"{where}.train.total_batch_size: {total} tokens is not a multiple of device_batch_size x "
                 f"max_seq_len x world size = {per_step}; pick a device_batch_size (a power of 2) that divides it"]

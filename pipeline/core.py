@@ -38,7 +38,14 @@ def load_checkpoint_model(train_dir, device):
         model.load_state_dict(torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True))
     except (OSError, RuntimeError, KeyError, TypeError) as e:
         raise StageError(f"{train_dir}: not a loadable trained model ({e})") from e
-    return model.to(device).eval()
+    return model.to(device).embeddings_bf16_on_cuda().eval()
+
+
+def token_bytes_convention(train_dir):
+    """How the run counted bytes per token for bits per byte (its recipe's token_bytes knob; "raw" for a
+    model.json written before recipes were recorded)."""
+    meta = json.loads((Path(train_dir) / "model.json").read_text())
+    return meta.get("recipe", {}).get("knobs", {}).get("token_bytes", "raw")
 
 
 class Scorer:
@@ -141,9 +148,10 @@ def gpt2_verdict(result):
             "beats_gpt2": result["core_metric"] > GPT2_CORE if comparable else None}
 
 
-def bits_per_byte(model, blocks, tok_dir, tokens, device, rank, world):
-    """nanochat's base_eval bpb: `tokens` worth of packed rows from each split."""
-    token_bytes = torch.from_numpy(np.load(Path(tok_dir) / "token_bytes.npy")).to(device)
+def bits_per_byte(model, blocks, enc, tok_dir, convention, tokens, device, rank, world):
+    """nanochat's base_eval bpb: `tokens` worth of packed rows from each split, bytes counted by the
+    run's recipe (evaluate.token_bytes)."""
+    token_bytes = evaluate.token_bytes(enc, tok_dir, convention).to(device)
     seq, rows = model.config.sequence_len, 8
     steps = max(1, tokens // (rows * seq * world))
     out = {}
@@ -210,7 +218,8 @@ def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None
         return model, gpt2.encode_ordinary, gpt2.eot_token, model.sequence_len, None
     enc = tokenizer.load(tokenizer_dir)
     model = load_checkpoint_model(checkpoint, device)
-    return model, enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS), model.config.sequence_len, enc
+    # no cropping, as nanochat's base_eval does for its own GPT: its rotary tables reach 10x the context
+    return model, enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS), None, enc
 
 
 def run(spec, inputs, out, work, threads):
@@ -231,8 +240,9 @@ def run(spec, inputs, out, work, threads):
                            params["allow_missing_tasks"], rank, world, log=lambda m: log(m, file=sys.stderr))
     extras = {}
     if enc is not None:  # our own model: bits per byte on its token shards, and a few samples
-        extras["bpb.json"] = bits_per_byte(model, {"train": train_block, "val": val_block}, tok_dir,
-                                           params["bpb_tokens"], device, rank, world)
+        extras["bpb.json"] = bits_per_byte(model, {"train": train_block, "val": val_block}, enc, tok_dir,
+                                           token_bytes_convention(train_dir), params["bpb_tokens"], device, rank,
+                                           world)
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:

@@ -177,9 +177,11 @@ def tokenize(task, item, shots, encode, bos, max_len):
         # their longest common prefix (nanochat asserts instead)
         start = len(without) if with_[:len(without)] == without else common_length(rows)
         rows, spans = [with_], [(start, len(with_))]
+    if max_len is None:  # a model without a position limit (ours) sees every prompt whole
+        return Example(rows, spans, item.get("gold", 0), task.type)
     clipped_rows, clipped_spans = [], []
     for r, (s, e) in zip(rows, spans, strict=True):
-        crop = max(0, len(r) - max_len)  # too long for the model: drop tokens on the left
+        crop = max(0, len(r) - max_len)  # too long for the model (GPT-2: 1024): drop tokens on the left
         clipped_rows.append(r[crop:])
         # a span's first token is scored from the position before it, so at least one must stay
         clipped_spans.append((max(1, s - crop), e - crop))

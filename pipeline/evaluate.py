@@ -1,6 +1,7 @@
 """Measuring a model, shared by the train and core stages: bits per byte and greedy samples."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +30,20 @@ def batch_to(arrays, device):
     if device.type == "cuda":
         tensors = (t.pin_memory() for t in tensors)  # the caching host allocator keeps it until copied
     return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+def token_bytes(enc, tok_dir, convention="raw"):
+    """Bytes each token id stands for (0 for special tokens), the denominator of bits per byte.
+    "raw": the token's own bytes (the tokenizer's token_bytes.npy; nanochat from 2ce972a). "decoded":
+    the UTF-8 length of the token decoded alone, as nanochat's tok_train measured it before: a token that
+    is not valid UTF-8 by itself decodes to U+FFFD, 3 bytes (193 of nanochat's 32768 tokens differ)."""
+    raw = np.load(Path(tok_dir) / "token_bytes.npy")
+    if convention == "raw":
+        return torch.from_numpy(raw)
+    decoded = raw.copy()
+    for i in np.flatnonzero(raw):
+        decoded[i] = len(enc.decode([int(i)]).encode("utf-8"))
+    return torch.from_numpy(decoded)
 
 
 @torch.no_grad()

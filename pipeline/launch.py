@@ -28,6 +28,8 @@ def flag_args(params, names=None):
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
+        elif isinstance(value, dict):  # --knobs: a row's recipe overrides, as compact JSON
+            args.append(f"{flag}={json.dumps(value, sort_keys=True, separators=(',', ':'))}")
         elif value is not False and value is not None:
             args.append(f"{flag}={value}")
     return args

@@ -1,10 +1,13 @@
 """Training batches from token shards: BOS-aligned rows, best-fit packed, split over DDP ranks.
 
 Documents stream in shard order, epoch after epoch. Rows of `seq_len + 1` tokens are packed as
-nanochat's BOS-aligned best-fit loader does: keep at least `buffer_size` documents buffered; fill a
-row with the largest buffered document that still fits, again and again; when none fits, crop the
-shortest one to fill the row exactly (the cropped tail is dropped). Every row starts with <|bos|>
-and has no padding.
+nanochat's BOS-aligned best-fit loader does: keep at least `buffer_size` documents buffered, topped up
+128 documents at a time (nanochat tokenizes a row group in batches of 128); fill a row with the largest
+buffered document that still fits (the earliest buffered of equal ones), again and again; when none
+fits, crop the shortest one (the earliest of equal ones) to fill the row exactly (the cropped tail is
+dropped). Every row starts with <|bos|> and has no padding. On one process this gives nanochat's very
+rows, whenever a shard's row groups (all but its last) hold multiples of 128 documents, as nanochat's
+shards do (1024) and the webtext fixture's (256).
 
 Packing is global and runs on document lengths only, so every rank computes the same sequence of
 rows cheaply; micro-batches of `batch_size` rows are dealt to ranks in turn (micro-batch m goes to
@@ -60,6 +63,9 @@ class TokenShards:
         return self._open[shard]
 
 
+REFILL = 128  # documents per top-up of the best-fit buffer, counted from the start of each shard
+
+
 class DocStream:
     """(length, shard, doc) of every document in order, epoch after epoch (forever unless `epochs`
     is given); the position counts epochs from 1."""
@@ -75,6 +81,14 @@ class DocStream:
 
     def __iter__(self):
         return self
+
+    def chunk(self):
+        """The next documents up to the next multiple of REFILL within the shard (or its end)."""
+        first = next(self)
+        out = [first]
+        while self.doc % REFILL and self.doc < self.shards.num_docs[self.shard]:
+            out.append(next(self))
+        return out
 
     def __next__(self):
         while self.doc >= self.shards.num_docs[self.shard]:
@@ -114,17 +128,20 @@ class BestFitPacker:
         """The next row; at the end of a finite stream the last row may be short, then StopIteration."""
         row, room = [], self.capacity
         while room:
-            for length, shard, doc in self.stream:
-                self._push(length, (shard, doc))
-                if len(self.lengths) >= self.buffer_size:
+            while len(self.lengths) < self.buffer_size:
+                try:
+                    chunk = self.stream.chunk()
+                except StopIteration:
                     break
+                for length, shard, doc in chunk:
+                    self._push(length, (shard, doc))
             if not self.lengths:  # a finite stream ran dry
                 if row:
                     return row
                 raise StopIteration
             i = bisect.bisect_right(self.lengths, room) - 1
-            if i >= 0:  # the largest document that fits whole
-                length, doc = self._pop(i)
+            if i >= 0:  # the largest document that fits whole, the earliest buffered of that length
+                length, doc = self._pop(bisect.bisect_left(self.lengths, self.lengths[i]))
                 row.append((*doc, length))
                 room -= length
             else:       # nothing fits: crop the shortest to fill the row

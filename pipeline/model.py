@@ -1,16 +1,20 @@
-"""The GPT of nanochat's speedrun (Feb 2026 recipe, leaderboard runs 1-4), written for this pipeline.
+"""The GPT of nanochat's speedrun, written for this pipeline; what differs between nanochat's commits is a
+knob of the recipe (pipeline.recipe), carried in GPTConfig.
 
 - token embedding, then a weightless RMSNorm; untied lm_head; no biases anywhere
-- pre-norm blocks: attention (rotary, QK-norm, sliding window: FlashAttention's own on CUDA, a mask
-  elsewhere) and a ReLU^2 MLP (4x)
-- before every block: x = resid_lambda[i] * x + x0_lambda[i] * x0, x0 = the normed embedding
-- value embeddings on alternating layers (always the last), mixed into v through a 2*sigmoid gate
-- logits soft-capped at 15 in fp32; vocab padded to a multiple of 64
+- smear (recipe knob): each position mixes in the previous one's normed embedding through a gate
+- pre-norm blocks: attention (rotary, QK-norm then an optional q/k scale, sliding windows:
+  FlashAttention's own on CUDA, a mask elsewhere) and a ReLU^2 MLP (4x)
+- before every block: x = resid_lambda[i] * x + x0_lambda[i] * x0, x0 = the normed (smeared) embedding
+- value embeddings on alternating layers (always the last), mixed into v through a scaled sigmoid gate
+- backout (recipe knob): the residual of the middle layer, scaled, is subtracted before the final norm
+- logits soft-capped in fp32; vocab padded to a multiple of 64
+- on CUDA the token and value embeddings are kept in bf16, as nanochat keeps them, so the residual
+  stream is bf16 too
 Sizes come from `--depth` through pipeline.dims.
 """
 
 import inspect
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import dims
+from pipeline import recipe as recipes
 
 try:  # FlashAttention's own sliding window, in torch since 2.10: a windowed layer skips the keys it cannot see
     from torch.nn.attention.varlen import varlen_attn
@@ -56,9 +61,7 @@ def flash_windows_supported():
     the masked path instead of failing)."""
     return FLASH_WINDOWS and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
-SOFTCAP = 15.0
-ROPE_BASE = 10000.0
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many channels of the block input
+ROTARY_OVERCOMPUTE = 10  # rotary tables cover 10x the context, as nanochat's: CORE prompts run uncropped
 
 # MKL's vector math (torch's CPU cos, exp, log, tanh) sets itself up on its first call; when that call is
 # split over threads, the other thread's share came out a few ulp off in 2 to 5 fresh processes of 10,
@@ -69,19 +72,38 @@ torch.tanh(torch.zeros(1))
 
 @dataclass
 class GPTConfig:
+    """Shape, and the recipe's model knobs (pipeline.recipe). The knob defaults are the model this
+    pipeline trained before recipes were versioned, so an older model.json loads as the model it was."""
     sequence_len: int = 2048
     vocab_size: int = 32768
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
+    softcap: float = 15.0
+    rope_base: float = 10000
+    rotary_bf16: bool = False
+    short_window_divisor: int = 2
+    short_window_tile: int = 0
+    qk_scale: float = 1.0
+    ve_gate_channels: int = 32
+    ve_gate_scale: float = 2.0
+    ve_gate_init: float = 0.0
+    wte_init_std: float = 1.0
+    c_fc_init_scale: float = 1.0
+    resid_lambda_init: tuple = (1.0, 0.0)
+    x0_lambda_init: tuple = (0.1, 0.0)
+    smear: bool = False
+    backout: bool = False
+    smear_gate_init: float = 0.0
 
     @classmethod
-    def from_depth(cls, depth, vocab_size, sequence_len=2048, window_pattern="SSSL",
-                   aspect_ratio=dims.ASPECT_RATIO, head_dim=dims.HEAD_DIM):
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                   n_head=dims.num_heads(depth, aspect_ratio, head_dim),
-                   n_embd=dims.model_dim(depth, aspect_ratio, head_dim), window_pattern=window_pattern)
+    def from_depth(cls, depth, vocab_size, sequence_len=2048, window_pattern="SSSL", aspect_ratio=dims.ASPECT_RATIO,
+                   head_dim=dims.HEAD_DIM, recipe=None):
+        """The model a run of `recipe` (a nanochat commit; the newest if None) builds at this depth."""
+        flags = {"depth": depth, "max_seq_len": sequence_len, "window_pattern": window_pattern,
+                 "aspect_ratio": aspect_ratio, "head_dim": head_dim}
+        return cls(**dims.model_config(flags, recipes.knobs(recipe), vocab_size))
 
     def to_dict(self):
         return asdict(self)
@@ -91,27 +113,33 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def _uniform_or_zeros(weight, high):
+    """uniform(0, high), or zeros (which draws nothing from the RNG) when high is 0."""
+    if high:
+        nn.init.uniform_(weight, 0.0, high)
+    else:
+        nn.init.zeros_(weight)
+
+
 def has_value_embedding(layer, n_layer):
     """Every other layer, counted back from the last one (which always has one)."""
     return layer % 2 == (n_layer - 1) % 2
 
 
 def window_sizes(config):
-    """Per layer: how many earlier positions a query may see. 'L' is the full context, 'S' half of it;
-    the pattern tiles over the layers and the last layer is always 'L'."""
-    pattern = config.window_pattern.upper()
-    if not pattern or set(pattern) - {"S", "L"}:
-        raise ValueError(f"window_pattern {config.window_pattern!r} must be made of S and L")
-    full, short = config.sequence_len, config.sequence_len // 2
-    sizes = [full if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
-    sizes[-1] = full
-    return sizes
+    """Per layer: how many earlier positions a query may see (pipeline.dims.window_sizes)."""
+    return dims.window_sizes(config.sequence_len, config.n_layer, config.window_pattern, asdict(config))
 
 
-def rotary_tables(seq_len, head_dim, device=None):
-    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+def rotary_tables(seq_len, head_dim, base=10000, bf16=False, device=None):
+    """cos and sin of each (position, channel pair)'s angle, (1, T, 1, head_dim/2). `bf16`: rounded to
+    bf16, as nanochat kept them on every device until 6ed7d1d."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    cos, sin = angles.cos(), angles.sin()
+    if bf16:
+        cos, sin = cos.bfloat16().float(), sin.bfloat16().float()
+    return cos[None, :, None, :], sin[None, :, None, :]
 
 
 def apply_rotary(x, cos, sin):
@@ -161,11 +189,13 @@ class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qk_scale = config.qk_scale
+        self.gate_channels, self.gate_scale = config.ve_gate_channels, config.ve_gate_scale
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate = (nn.Linear(VE_GATE_CHANNELS, self.n_head, bias=False)
+        self.ve_gate = (nn.Linear(config.ve_gate_channels, self.n_head, bias=False)
                         if has_value_embedding(layer, config.n_layer) else None)
 
     def forward(self, x, ve, cos, sin, window, kernel):
@@ -173,10 +203,12 @@ class Attention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
-        if ve is not None:  # gate in (0, 2), 1 at init: the value embedding starts fully mixed in
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+        if ve is not None:  # gate in (0, scale): the value embedding mixed in per head
+            gate = self.gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_head, self.head_dim)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        if self.qk_scale != 1:  # sharper attention, the scale split between q and k
+            q, k = q * self.qk_scale, k * self.qk_scale
         return self.c_proj(attention(q, k, v, window, kernel).reshape(B, T, C))
 
 
@@ -215,8 +247,14 @@ class GPT(nn.Module):
                                            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)})
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        if config.smear:
+            self.smear_gate = nn.Linear(dims.SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         self.windows = window_sizes(config)
-        cos, sin = rotary_tables(config.sequence_len, config.n_embd // config.n_head)
+        cos, sin = rotary_tables(config.sequence_len * ROTARY_OVERCOMPUTE, config.n_embd // config.n_head,
+                                 config.rope_base, config.rotary_bf16)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # one precomputed mask per short window: no tensors are built inside forward (torch.compile)
@@ -226,28 +264,48 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """nanochat's init: unit-variance embeddings, a near-zero lm_head, zero output projections so
-        every block starts as the identity, uniform(-s, s) with std 1/sqrt(d) for the other matrices."""
-        d = self.config.n_embd
-        s = math.sqrt(3) / math.sqrt(d)
-        nn.init.normal_(self.transformer.wte.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
+        """nanochat's init, drawn in nanochat's order (so a seed gives nanochat's very weights): normal
+        embeddings, a near-zero lm_head, uniform(-s, s) with std 1/sqrt(d) for the block matrices (c_fc
+        scaled by the recipe), zero output projections so every block starts as the identity, the per-layer
+        scalars, the smear gate, the value embeddings, then the value-embedding gates."""
+        c = self.config
+        s = 3**0.5 * c.n_embd**-0.5
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=c.wte_init_std)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
             nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -s * c.c_fc_init_scale, s * c.c_fc_init_scale)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+        for lambdas, (first, drop) in ((self.resid_lambdas, c.resid_lambda_init), (self.x0_lambdas, c.x0_lambda_init)):
+            for i in range(c.n_layer):  # first at layer 0, falling by `drop` to the last layer
+                lambdas[i] = first - (drop * i / max(c.n_layer - 1, 1))
+        if c.smear:
+            nn.init.zeros_(self.smear_lambda)
+            _uniform_or_zeros(self.smear_gate.weight, c.smear_gate_init)
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
-        cos, sin = rotary_tables(self.config.sequence_len, d // self.config.n_head, self.cos.device)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                _uniform_or_zeros(block.attn.ve_gate.weight, c.ve_gate_init)
+        cos, sin = rotary_tables(c.sequence_len * ROTARY_OVERCOMPUTE, c.n_embd // c.n_head, c.rope_base, c.rotary_bf16,
+                                 self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
-        for w in set(self.windows) - {self.config.sequence_len}:
-            getattr(self, f"mask_{w}").copy_(window_mask(self.config.sequence_len, w, self.cos.device))
+        for w in set(self.windows) - {c.sequence_len}:
+            getattr(self, f"mask_{w}").copy_(window_mask(c.sequence_len, w, self.cos.device))
+        self.embeddings_bf16_on_cuda()
+
+    def embeddings_bf16_on_cuda(self):
+        """On CUDA, the token and value embeddings live in bf16, as nanochat keeps them (its AdamW state
+        for them too), so the residual stream is bf16 from the first layer on."""
+        if self.transformer.wte.weight.device.type == "cuda":
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            self.value_embeds.to(dtype=torch.bfloat16)
+        return self
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         logits = self.head(self.trunk(idx))
@@ -260,21 +318,39 @@ class GPT(nn.Module):
         """The normed last hidden state (B, T, C): what the lm_head reads."""
         T = idx.size(1)
         cos, sin = self.cos[:, :T], self.sin[:, :T]
+        if cos.size(1) < T:  # past even 10x the context (where nanochat stops): tables made for this call
+            c = self.config
+            cos, sin = rotary_tables(T, c.n_embd // c.n_head, c.rope_base, c.rotary_bf16, idx.device)
         kernel = self.window_kernel(idx.device)
         x = rms_norm(self.transformer.wte(idx))
-        x0 = x
+        if self.config.smear:  # each position takes in some of the previous one: bigram-like input
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[:, 1:, :dims.SMEAR_CHANNELS]))
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0, backout, backout_layer = x, None, self.config.n_layer // 2
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            w = self.windows[i]
-            x = block(x, ve, cos, sin, None if w >= T else (w, getattr(self, f"mask_{w}")), kernel)
+            x = block(x, ve, cos, sin, self._window(self.windows[i], T, idx.device), kernel)
+            if i == backout_layer:
+                backout = x
+        if self.config.backout:  # take the mid-depth features back out before the logits
+            x = x - self.backout_lambda.to(x.dtype) * backout
         return rms_norm(x)
+
+    def _window(self, w, T, device):
+        """(size, mask) for a layer that sees `w` positions back, None when that covers all T. Past the
+        training context (an uncropped CORE prompt) every layer is a window, its mask made here."""
+        if w >= T:
+            return None
+        if self.config.sequence_len >= T:
+            return w, getattr(self, f"mask_{w}")
+        return w, window_mask(T, w, device)
 
     def head(self, h):
         """Soft-capped fp32 logits of hidden states `h` (..., C); CORE scoring calls it on the scored
         positions only, which spares the (positions x vocab) logits of every prompt token."""
         logits = self.lm_head(h)[..., :self.config.vocab_size].float()
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
     def window_kernel(self, device):
         """What computes the attention layers on `device`: "fa3" (FlashAttention-3 runs every layer, the
@@ -292,15 +368,17 @@ class GPT(nn.Module):
                   "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
                   "lm_head": self.lm_head.weight.numel(),
                   "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-                  "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel()}
+                  "scalars": sum(p.numel() for name, p in self.named_parameters() if "." not in name)
+                  + (self.smear_gate.weight.numel() if self.config.smear else 0)}
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters())
         counts["scaling"] = counts["transformer_matrices"] + counts["lm_head"]
         return counts
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups, so they are
-        left out) plus attention's 12 * heads * head_dim * the positions each layer attends to."""
+        """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups and the scalars and
+        smear gate are left out, as nanochat leaves them) plus attention's 12 * heads * head_dim * the
+        positions each layer attends to (pipeline.dims.flops_per_token, which a test holds to this)."""
         counts = self.num_scaling_params()
         matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
         head_dim = self.config.n_embd // self.config.n_head

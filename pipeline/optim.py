@@ -2,7 +2,8 @@
 
 Muon (per group of same-shaped matrices, stacked):
   1. Nesterov momentum:      buf = mu*buf + (1-mu)*g,  u = (1-mu)*g + mu*buf
-  2. orthogonalise u with 5 Polar Express iterations in bf16 (arXiv 2505.16932)
+  2. orthogonalise u with 5 Polar Express iterations in bf16 (arXiv 2505.16932); the recipe decides
+     where bf16 applies, and whether MuonEq comes before and Muon+ after (muon_update)
   3. NorMuon: equalise per-row (or per-column) scales with a running second moment, keeping the norm
   4. cautious weight decay: decay only where the update and the weight agree in sign
      p -= lr * u + lr * wd * p * [u * p >= 0],   lr scaled by sqrt(max(1, rows / cols))
@@ -40,48 +41,81 @@ REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tens
 ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
-def orthogonalize(g, steps=5):
-    """Approximate the nearest semi-orthogonal matrix (U V^T of the SVD) of each matrix in g (K, r, c).
-    bf16 on GPUs, as nanochat; fp32 elsewhere, where bf16 matmuls are slow rather than fast."""
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
-    tall = x.size(-2) > x.size(-1)
-    if tall:  # iterate on the smaller Gram matrix
-        x = x.mT
+MUON_DEFAULTS = {"polar_express_norm": 1.02, "muon_bf16": "always", "muon_eq": False, "muon_plus": False}
+
+
+def orthogonalize(x, steps=5, norm=1.02):
+    """Approximate the nearest semi-orthogonal matrix (U V^T of the SVD) of each matrix in x (K, r, c),
+    in x's dtype, with Polar Express's iterations as nanochat writes them (a tall matrix iterates on its
+    smaller Gram matrix X^T X)."""
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * norm + 1e-6)
     for a, b, c in POLAR_EXPRESS[:steps]:
-        A = x @ x.mT
-        x = a * x + (b * A + c * A @ A) @ x
-    return x.mT if tall else x
+        if x.size(-2) > x.size(-1):
+            A = x.mT @ x
+            x = a * x + x @ (b * A + c * (A @ A))
+        else:
+            A = x @ x.mT
+            x = a * x + (b * A + c * (A @ A)) @ x
+    return x
 
 
-def normuon(u, second, beta2):
+def normuon(g, second, beta2):
     """Scale each row (or column) by the inverse root of its running mean square `second` (updated in
-    place), then restore the update's overall norm: every output unit moves at a similar rate."""
+    place), then restore the update's overall norm: every output unit moves at a similar rate. The
+    statistics are fp32 whatever g's dtype; the steps follow nanochat's, so the floats are its floats."""
     reduce_dim = -1 if second.size(-1) == 1 else -2
-    sq = u.float().square()
-    second.lerp_(sq.mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-    scaled = u.float() * second.clamp_min(1e-10).rsqrt()
-    norm = sq.sum(dim=(-2, -1), keepdim=True).sqrt()
-    scaled_norm = scaled.square().sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-10)
-    return (scaled * (norm / scaled_norm)).to(u.dtype)
+    v_mean = g.float().square().mean(dim=reduce_dim, keepdim=True)
+    size = g.size(reduce_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+    second.lerp_(v_mean.to(second.dtype), (1 - beta2.to(g.dtype)).to(second.dtype))
+    step = second.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * size) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return g * (step * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
 
 
-def muon_update(grads, buf, second, weights, momentum, lr, weight_decay, beta2, ns_steps):
+def muon_update(grads, buf, second, weights, momentum, lr, weight_decay, beta2, ns_steps, options):
     """One Muon step of a stack of matrices, in place on the momentum `buf`, NorMuon's `second` and the
-    `weights` (grads is overwritten too). lr already holds the shape factor."""
+    `weights` (grads is overwritten too). The scalars are 0-d fp32 tensors; lr already holds the shape
+    factor. `options` (the recipe's Muon knobs, MUON_DEFAULTS):
+      muon_bf16 "always": the iterations and everything after them in bf16, on any device, with lr, wd
+        and NorMuon's beta2 rounded to bf16 too (nanochat until master); "compute": bf16 iterations on
+        CUDA only, the rest in the weights' dtype (master)
+      muon_eq: rows rescaled to their mean norm before the iterations (MuonEq, arXiv 2603.28254)
+      muon_plus: the result's Frobenius norm snapped to sqrt(min(rows, cols)) (Muon+, arXiv 2602.21545)"""
     buf.lerp_(grads, 1 - momentum)
-    update = normuon(orthogonalize(grads.lerp_(buf, momentum), ns_steps).to(grads.dtype), second, beta2)
-    weights.sub_(lr * update + lr * weight_decay * weights * ((update * weights) >= 0))
+    g = grads.lerp_(buf, momentum)
+    x = g.bfloat16() if options["muon_bf16"] == "always" or g.is_cuda else g
+    if options["muon_eq"]:
+        target = x.float().norm(dim=(-2, -1), keepdim=True) / (x.size(-2) ** 0.5)
+        x = x * (target / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(x.dtype)
+    g = orthogonalize(x, ns_steps, options["polar_express_norm"])
+    if options["muon_bf16"] != "always":
+        g = g.to(weights.dtype)
+    if options["muon_plus"]:
+        g = g * (min(g.size(-2), g.size(-1)) ** 0.5 / g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+                 ).to(g.dtype)
+    g = normuon(g, second, beta2)
+    lr, weight_decay = lr.to(g.dtype), weight_decay.to(g.dtype)
+    weights.sub_(lr * g + lr * weight_decay * weights * ((g * weights) >= 0))
 
 
-def adamw_update(params, grads, exp_avgs, exp_avg_sqs, lr, bias1, bias2, beta1, beta2, eps, weight_decay):
-    """One AdamW step of each parameter, in place; bias1 and bias2 are Adam's bias corrections."""
+def adamw_update(params, grads, exp_avgs, exp_avg_sqs, lr, bias1, bias2, beta1, beta2, eps, weight_decay,
+                 fp32_math=False):
+    """One AdamW step of each parameter, in place; bias1 and bias2 are Adam's bias corrections.
+    `fp32_math` (master): a bf16 parameter (the CUDA embeddings) and its bf16 state are updated in fp32
+    and stored back; before, the update ran in bf16 itself."""
     for p, g, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        work = [t.float() for t in (p, g, exp_avg, exp_avg_sq)] if fp32_math else (p, g, exp_avg, exp_avg_sq)
+        p32, g32, m, v = work
         if weight_decay:
-            p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.lerp_(g.square(), 1 - beta2)
-        p.sub_(lr / bias1 * exp_avg / ((exp_avg_sq / bias2).sqrt() + eps))
+            p32.mul_(1 - lr * weight_decay)
+        m.lerp_(g32, 1 - beta1)
+        v.lerp_(g32.square(), 1 - beta2)
+        p32.sub_(lr / bias1 * m / ((v / bias2).sqrt() + eps))
+        if fp32_math and p.dtype != torch.float32:
+            p.copy_(p32)
+            exp_avg.copy_(m)
+            exp_avg_sq.copy_(v)
 
 
 def _world():
@@ -107,7 +141,7 @@ class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `kind`: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum,
     beta2, ns_steps, weight_decay; every param of a muon group has the same shape)."""
 
-    def __init__(self, groups, split_from=BUCKET, compiled=False):
+    def __init__(self, groups, split_from=BUCKET, compiled=False, muon_options=None, adamw_fp32_math=False):
         for g in groups:
             if g["kind"] == "muon" and len({p.shape for p in g["params"]}) != 1:
                 raise ValueError("every parameter of a muon group must have the same shape")
@@ -119,6 +153,8 @@ class MuonAdamW(torch.optim.Optimizer):
         compile_ = (lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)) if compiled else (lambda fn: fn)
         self._muon_update, self._adamw_update = compile_(muon_update), compile_(adamw_update)
         self._varying = (lambda x: torch.tensor(x, dtype=torch.float32)) if compiled else float
+        self.muon_options = {**MUON_DEFAULTS, **(muon_options or {})}  # the recipe's Muon knobs
+        self.adamw_fp32_math = adamw_fp32_math
         self._state_split = False  # whether the state is current only for each rank's own share
 
     def _split_rows(self, p, world):
@@ -232,7 +268,7 @@ class MuonAdamW(torch.optim.Optimizer):
                            [s["exp_avg"][r] for s, r in zip(states, rows, strict=True)],
                            [s["exp_avg_sq"][r] for s, r in zip(states, rows, strict=True)],
                            varying(group["lr"]), varying(1 - beta1 ** t), varying(1 - beta2 ** t), beta1, beta2,
-                           group["eps"], group["weight_decay"])
+                           group["eps"], group["weight_decay"], self.adamw_fp32_math)
         works = [ALL_GATHER(p, p[r].clone(), async_op=True) for p, r in zip(params, rows, strict=True)
                  if r != slice(None)]
 
@@ -257,11 +293,12 @@ class MuonAdamW(torch.optim.Optimizer):
         local = params[0].new_empty((chunk if world > 1 else K, *shape))
         local[hi - lo:].zero_()  # only the padding (if any): the stack below fills the rest
         if hi > lo:
-            varying = self._varying
+            scalar = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  0-d: rounded as nanochat's
             self._muon_update(grads, state["momentum_buffer"][lo:hi], state["second_momentum_buffer"][lo:hi],
-                              torch.stack(params[lo:hi], out=local[:hi - lo]), varying(group["momentum"]),
-                              varying(group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5),
-                              varying(group["weight_decay"]), group["beta2"], group["ns_steps"])
+                              torch.stack(params[lo:hi], out=local[:hi - lo]), scalar(group["momentum"]),
+                              scalar(group["lr"] * max(1.0, shape[0] / shape[1]) ** 0.5),
+                              scalar(group["weight_decay"]), scalar(group["beta2"]), group["ns_steps"],
+                              self.muon_options)
         if world == 1:
             torch._foreach_copy_(params, list(local.unbind(0)))
             return lambda: None

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import dims
+from pipeline import recipe as recipes
 
 PIPELINE_DIR = Path(__file__).resolve().parent
 KEY_LEN = 16
@@ -33,7 +34,7 @@ STAGE_SOURCES = {
     "download": ("download.py",),
     "tokenizer": ("tokenizer.py",),
     "pretokenize": ("pretokenize.py",),
-    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py", "evaluate.py"),
+    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py"),
     "bundle": ("bundle.py",),
     "core": ("core.py", "core_tasks.py", "evaluate.py"),
 }
@@ -93,12 +94,19 @@ def download_spec(cfg, dataset, shards, root=PIPELINE_DIR):
     return make_spec("download", params, settings=settings, root=root)
 
 
-def shard_blocks(cfg, dataset, num_shards):
-    """Whole blocks covering train shards 0..num_shards-1 (never past the validation shard)."""
+def shard_blocks(cfg, dataset, num_shards, val_shard=None):
+    """Whole blocks covering train shards 0..num_shards-1 (never reaching the validation shard: the
+    dataset's last unless another is given)."""
     ds = cfg["datasets"][dataset]
     size = ds["block_size"]
-    end = min(math.ceil(num_shards / size) * size, ds["val_shard"])
+    end = min(math.ceil(num_shards / size) * size, ds["val_shard"] if val_shard is None else val_shard)
     return [list(range(lo, min(lo + size, end))) for lo in range(0, end, size)]
+
+
+def train_recipe(row):
+    """(the row's settled train flags, its recipe's knobs): what its derived values come from."""
+    commit = recipes.commit_of(row.get("recipe"))
+    return recipes.settle(commit, row["train"]), recipes.knobs(commit, row.get("knobs"))
 
 
 def resolve_train_shards(cfg, row):
@@ -108,9 +116,19 @@ def resolve_train_shards(cfg, row):
         return shards
     ds = cfg["datasets"][row["dataset"]]
     vocab = cfg["tokenizers"][row["tokenizer"]]["vocab_size"]
-    tokens = dims.training_tokens(row["train"], vocab)
+    tokens = dims.training_tokens(*train_recipe(row), vocab)
     need = math.ceil(tokens / (ds["tokens_per_shard"] * (1 - CROP_WASTE)))
     return max(1, min(need, ds["val_shard"]))
+
+
+def resolve_val_shard(cfg, row):
+    """The shard a row validates on: its own `val_shard`, else its recipe's rule: the one after its training
+    shards (what `nanochat.dataset -n N` left last on disk, until 324e69c) or the dataset's last."""
+    if "val_shard" in row:
+        return row["val_shard"]
+    if train_recipe(row)[1]["val_shard"] == "last_on_disk":
+        return resolve_train_shards(cfg, row)
+    return cfg["datasets"][row["dataset"]]["val_shard"]
 
 
 class Plan:
@@ -149,11 +167,15 @@ def _pretokenize_spec(plan, cfg, dataset, shards, tokenizer, root):
 def _row_plan(plan, cfg, name, row, root):
     """The row's keys per stage, in order (the last pretokenize block is the validation shard)."""
     tokenizer = tokenizer_spec(plan, cfg, row["tokenizer"], root)
-    dataset = row["dataset"]
-    blocks = shard_blocks(cfg, dataset, resolve_train_shards(cfg, row))
-    blocks.append([cfg["datasets"][dataset]["val_shard"]])
+    dataset, val_shard = row["dataset"], resolve_val_shard(cfg, row)
+    blocks = shard_blocks(cfg, dataset, resolve_train_shards(cfg, row), val_shard)
+    blocks.append([val_shard])
     pretokenized = [_pretokenize_spec(plan, cfg, dataset, b, tokenizer, root) for b in blocks]
+    # the recipe is part of the key: the commit, and the knobs the row overrides
     flags = {k: v for k, v in row["train"].items() if k not in TRAIN_NAME_FLAGS}
+    flags["recipe"] = recipes.commit_of(row.get("recipe"))
+    if row.get("knobs"):
+        flags["knobs"] = row["knobs"]
     names = {k: row["train"][k] for k in TRAIN_NAME_FLAGS if k in row["train"]}
     # One training per seed; without `seeds` the flags are keyed as given, so adding the field to a
     # config later does not re-key (and retrain) the rows that do not use it.
@@ -165,7 +187,8 @@ def _row_plan(plan, cfg, name, row, root):
     downloads = [r for s in (tokenizer, *pretokenized) for r in s["inputs"] if r.startswith("download/")]
     keys = {"download": list(dict.fromkeys(r.split("/")[1] for r in downloads)),
             "tokenizer": [tokenizer["key"]], "pretokenize": [b["key"] for b in pretokenized],
-            "train": [t["key"] for t in trains], "train_shards": sum(map(len, blocks[:-1])), "seeds": seeds}
+            "train": [t["key"] for t in trains], "train_shards": sum(map(len, blocks[:-1])), "val_shard": val_shard,
+            "seeds": seeds}
     core_cfg = row["core"]
     if "bundle" in core_cfg:
         bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
@@ -203,17 +226,37 @@ def make_plan(cfg, root=PIPELINE_DIR):
     return plan
 
 
+def resolved_row(cfg, name):
+    """A row's recipe and every value derived from it and the row's flags, without training: what
+    nanochat prints when a run starts (steps, total batch, learning rates, Muon's weight decay, ...)."""
+    row = cfg["rows"][name]
+    if "hf_model" in row:
+        return {"hf_model": row["hf_model"]}
+    flags, knobs = train_recipe(row)
+    commit = recipes.commit_of(row.get("recipe"))
+    launch = row["launch"]
+    derived = dims.derive(flags, knobs, cfg["tokenizers"][row["tokenizer"]]["vocab_size"],
+                          launch["nproc_per_node"] * launch["nodes"])
+    return {"recipe": commit, "recipe_is": recipes.DESCRIPTIONS[commit], "knobs_overridden": row.get("knobs", {}),
+            "flags": flags, "knobs": knobs, "knob_sources": recipes.sources(commit), **derived,
+            "softcap": knobs["softcap"], "train_shards": resolve_train_shards(cfg, row),
+            "val_shard": resolve_val_shard(cfg, row)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="config/config.yaml")
     sub = ap.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print each row's store keys per stage")
     show.add_argument("--row", action="append", help="only these rows")
+    show.add_argument("--resolved", action="store_true", help="also the row's recipe and every derived value of "
+                                                               "its training (steps, batch, learning rates, ...)")
     spec = sub.add_parser("spec", help="print one spec as JSON")
     spec.add_argument("key")
     args = ap.parse_args(argv)
     try:
-        plan = make_plan(load_config(args.config))
+        cfg = load_config(args.config)
+        plan = make_plan(cfg)
     except config_mod.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -224,9 +267,16 @@ def main(argv=None):
             return 2
         print(json.dumps(found, indent=2, sort_keys=True))
         return 0
+    unknown = sorted(set(args.row or ()) - set(plan.rows))
+    if unknown:
+        print(f"error: {args.config}: no row named {', '.join(unknown)} (rows: {', '.join(plan.rows)})",
+              file=sys.stderr)
+        return 2
     for name, row in plan.rows.items():
         if args.row and name not in args.row:
             continue
+        if args.resolved:
+            row = {**row, "resolved": resolved_row(cfg, name)}
         print(json.dumps({name: row}, indent=2))
     return 0
 

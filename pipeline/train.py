@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, plan, store, tokenizer
+from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, optim, plan, store, tokenizer
+from pipeline import recipe as recipes
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig, use_fa3
 from pipeline.optim import MuonAdamW
@@ -32,7 +32,6 @@ from pipeline.store import StageError
 
 SMOOTHING = 0.9        # EMA of the logged train loss
 UNTIMED_STEPS = 10     # compile and warm-up steps left out of total_training_time, as on the leaderboard
-MOMENTUM_WARMUP = 300  # Muon momentum ramps 0.85 -> 0.95 over these steps
 # Dense bf16 peak FLOP/s by device name (lower case substring, first match wins), for MFU.
 PEAK_FLOPS = (("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("h800", 989e12),
               ("gh200", 989e12), ("b200", 2.25e15), ("b100", 1.8e15), ("a100", 312e12), ("a800", 312e12),
@@ -45,30 +44,35 @@ def build_parser():
     a("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
     a("--model-tag", default=None, help="a name for the checkpoint (recorded only)")
     a("--device-type", default="", choices=["", "cuda", "cpu", "mps"], help="'' picks cuda when present")
-    a("--depth", type=int, default=20, help="the one dial: number of layers")
-    a("--aspect-ratio", type=int, default=dims.ASPECT_RATIO, help="model_dim = depth x aspect ratio")
-    a("--head-dim", type=int, default=dims.HEAD_DIM)
-    a("--max-seq-len", type=int, default=2048)
-    a("--window-pattern", default="SSSL", help="S = half-context window, L = full; last layer always L")
-    a("--num-iterations", type=int, default=-1, help="explicit number of steps (-1: from the ratio)")
-    a("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (-1: off)")
-    a("--target-param-data-ratio", type=float, default=dims.DEFAULT_TARGET_PARAM_DATA_RATIO,
-      help="training tokens = this x scaling params")
-    a("--device-batch-size", type=int, default=32, help="rows per forward pass per device")
-    a("--total-batch-size", type=int, default=-1, help="tokens per step (-1: auto-scaled with depth)")
-    a("--embedding-lr", type=float, default=0.3)
-    a("--unembedding-lr", type=float, default=0.004)
-    a("--matrix-lr", type=float, default=0.02)
-    a("--scalar-lr", type=float, default=0.5)
-    a("--weight-decay", type=float, default=0.2, help="Muon weight decay at d12's batch and horizon")
-    a("--adam-beta1", type=float, default=0.8)
-    a("--adam-beta2", type=float, default=0.95)
-    a("--warmup-ratio", type=float, default=0.0)
-    a("--warmdown-ratio", type=float, default=0.5)
-    a("--final-lr-frac", type=float, default=0.0)
+    a("--recipe", default=None, help=f"the nanochat commit whose recipe to train (default: the newest, "
+                                     f"{recipes.NEWEST}; pipeline.recipe)")
+    a("--knobs", type=json.loads, default={}, help="recipe knobs to override, as JSON ({\"softcap\": 20})")
+    shape = recipes.SHAPE_FLAGS
+    a("--depth", type=int, default=shape["depth"], help="the one dial: number of layers")
+    a("--aspect-ratio", type=int, default=shape["aspect_ratio"], help="model_dim = depth x aspect ratio")
+    a("--head-dim", type=int, default=shape["head_dim"])
+    a("--max-seq-len", type=int, default=shape["max_seq_len"])
+    a("--window-pattern", default=shape["window_pattern"], help="S = the recipe's short window, L = full; the "
+                                                                "last layer always L")
+    a("--num-iterations", type=int, default=shape["num_iterations"],
+      help="explicit number of steps (-1: from the ratio)")
+    a("--target-flops", type=float, default=shape["target_flops"], help="train for this many FLOPs (-1: off)")
+    a("--device-batch-size", type=int, default=shape["device_batch_size"], help="rows per forward pass per device")
+    # defaults from the recipe (None here): the commit's own base_train defaults
+    a("--target-param-data-ratio", type=float, help="training tokens = this x scaling params")
+    a("--total-batch-size", type=int, help="tokens per step (-1: auto-scaled with the horizon)")
+    for name in ("embedding-lr", "unembedding-lr", "matrix-lr", "scalar-lr"):
+        a(f"--{name}", type=float)
+    a("--weight-decay", type=float, help="Muon weight decay at d12's batch and horizon")
+    a("--adam-beta1", type=float, help="until 6ed7d1d; then betas are per group (recipe knobs)")
+    a("--adam-beta2", type=float)
+    a("--warmup-ratio", type=float, help="lr warmup as a fraction of the steps (until 6ed7d1d)")
+    a("--warmup-steps", type=int, help="lr warmup steps (from 6ed7d1d)")
+    a("--warmdown-ratio", type=float)
+    a("--final-lr-frac", type=float)
+    a("--eval-tokens", type=int, help="validation tokens per val_bpb")
     a("--resume-from-step", type=int, default=-1, help="resume this checkpoint (-1: the newest, if any)")
     a("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
-    a("--eval-tokens", type=int, default=40 * 524288)
     a("--core-metric-every", type=int, default=2000, help="accepted; CORE is the core stage's job")
     a("--core-metric-max-per-task", type=int, default=500, help="accepted; CORE is the core stage's job")
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1: never)")
@@ -90,85 +94,61 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- depth -> everything
 
+def settle(args):
+    """(flags, knobs): the run's flags, those not given at its recipe's defaults, and the recipe's knobs
+    with the row's overrides. A flag its commit's base_train does not have is refused."""
+    try:
+        commit = recipes.commit_of(args.recipe)
+        flags = {**vars(args), **recipes.settle(commit, vars(args)), "recipe": commit}
+        return flags, recipes.knobs(commit, args.knobs)
+    except recipes.RecipeError as e:
+        raise StageError(str(e)) from e
+
+
 def resolve(args, vocab_size, world_size):
-    """Every derived size and hyperparameter, from the flags (no tensors: the manifest records it)."""
-    config = GPTConfig.from_depth(args.depth, vocab_size, args.max_seq_len, args.window_pattern,
-                                  args.aspect_ratio, args.head_dim)
-    with torch.device("meta"):
-        meta = GPT(config)
-    counts = meta.num_scaling_params()
-    flops_per_token = meta.estimate_flops()
-    shape = {"aspect_ratio": args.aspect_ratio, "head_dim": args.head_dim}
-    ratio = args.target_param_data_ratio
-    target = dims.target_tokens(args.depth, vocab_size, ratio, **shape)
-    ref_tokens = dims.target_tokens(dims.REFERENCE_DEPTH, vocab_size, ratio, **shape)
-    batch = args.total_batch_size
-    if batch == -1:
-        batch = dims.auto_total_batch_size(args.depth, vocab_size, ratio, **shape)
-    per_step = args.device_batch_size * args.max_seq_len * world_size
-    if batch % per_step:
-        raise StageError(f"--total-batch-size {batch} is not a multiple of device_batch_size x max_seq_len x "
-                         f"world size = {per_step}; use a device batch size (a power of 2) that divides it")
-    if args.num_iterations > 0:
-        iterations = args.num_iterations
-    elif args.target_flops > 0:
-        iterations = round(args.target_flops / (flops_per_token * batch))
-    else:
-        iterations = target // batch
-    if iterations < 1:
-        raise StageError(f"the flags give {iterations} training steps; raise --target-param-data-ratio or set "
-                         "--num-iterations")
-    batch_scale = (batch / dims.REFERENCE_BATCH) ** 0.5  # larger batches take larger steps
-    width_scale = (config.n_embd / 768) ** -0.5          # AdamW lrs were tuned at width 768
-    return {
-        "model": config.to_dict(), "param_counts": counts, "flops_per_token": flops_per_token,
-        "target_tokens": target, "total_batch_size": batch, "num_iterations": iterations,
-        "grad_accum_steps": batch // per_step, "world_size": world_size,
-        "tokens": iterations * batch, "total_flops": flops_per_token * iterations * batch,
-        "lr": {"embedding": args.embedding_lr * width_scale * batch_scale,
-               "unembedding": args.unembedding_lr * width_scale * batch_scale,
-               "scalar": args.scalar_lr * batch_scale, "matrix": args.matrix_lr * batch_scale},
-        # decay per step shrinks as horizons grow: scaled to d12's batch and number of tokens
-        "weight_decay": args.weight_decay * batch_scale * ref_tokens / target,
-    }
+    """Every derived size and hyperparameter, from the flags and the recipe (pipeline.dims; no tensors:
+    the manifest records it)."""
+    flags, knobs = settle(args)
+    hp = dims.derive(flags, knobs, vocab_size, world_size)
+    if hp["grad_accum_steps"] is None:
+        per_step = args.device_batch_size * args.max_seq_len * world_size
+        raise StageError(f"--total-batch-size {hp['total_batch_size']} is not a multiple of device_batch_size x "
+                         f"max_seq_len x world size = {per_step}; use a device batch size (a power of 2) that "
+                         "divides it")
+    if hp["num_iterations"] < 1:
+        raise StageError(f"the flags give {hp['num_iterations']} training steps; raise --target-param-data-ratio or "
+                         "set --num-iterations")
+    defaults = recipes.flag_defaults(flags["recipe"])
+    hp["recipe"] = {"commit": flags["recipe"], "knobs": knobs, "flags": {name: flags[name] for name in defaults}}
+    return hp
 
 
-def lr_multiplier(step, iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    warmup, warmdown = round(warmup_ratio * iterations), round(warmdown_ratio * iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= iterations - warmdown:
-        return 1.0
-    progress = (iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
+def make_optimizer(model, hp, compiled=False):
+    """AdamW for the embeddings, lm_head and the scalars, per group as the recipe sets them; Muon for the
+    blocks' matrices, one group per shape. `compiled`: the updates through torch.compile (with the model,
+    on CUDA)."""
+    knobs = hp["recipe"]["knobs"]
 
+    def adamw(params, name):
+        lr, betas, weight_decay = hp["adamw"][name]
+        return {"kind": "adamw", "params": list(params), "lr": lr, "initial_lr": lr, "betas": tuple(betas),
+                "eps": 1e-10, "weight_decay": weight_decay}
 
-def muon_momentum(step):
-    frac = min(step / MOMENTUM_WARMUP, 1.0)
-    return 0.85 * (1 - frac) + 0.95 * frac
-
-
-def make_optimizer(model, hp, args, compiled=False):
-    """AdamW for embeddings, lm_head and the per-layer scalars; Muon for the blocks' matrices,
-    one group per shape. `compiled`: the updates through torch.compile (with the model, on CUDA)."""
-    lr, betas = hp["lr"], (args.adam_beta1, args.adam_beta2)
-
-    def adamw(params, lr, betas=betas):
-        return {"kind": "adamw", "params": list(params), "lr": lr, "initial_lr": lr, "betas": betas, "eps": 1e-10,
-                "weight_decay": 0.0}
-
-    groups = [adamw([model.lm_head.weight], lr["unembedding"]),
-              adamw([model.transformer.wte.weight], lr["embedding"]),
-              adamw(model.value_embeds.parameters(), lr["embedding"]),
-              adamw([model.resid_lambdas], lr["scalar"] * 0.01),
-              adamw([model.x0_lambdas], lr["scalar"], betas=(0.96, 0.95))]
+    scalars = [getattr(model, n) for n in ("smear_gate", "smear_lambda", "backout_lambda") if hasattr(model, n)]
+    groups = [adamw([model.lm_head.weight], "lm_head"), adamw([model.transformer.wte.weight], "wte"),
+              adamw(model.value_embeds.parameters(), "value_embeds"), adamw([model.resid_lambdas], "resid_lambdas"),
+              adamw([model.x0_lambdas], "x0_lambdas")]
+    if scalars:
+        groups.append(adamw([p.weight if isinstance(p, torch.nn.Module) else p for p in scalars], "smear"))
     by_shape = {}
     for p in model.transformer.h.parameters():
         by_shape.setdefault(tuple(p.shape), []).append(p)
     for shape in sorted(by_shape):
-        groups.append({"kind": "muon", "params": by_shape[shape], "lr": lr["matrix"], "initial_lr": lr["matrix"],
-                       "momentum": 0.95, "beta2": 0.95, "ns_steps": 5, "weight_decay": hp["weight_decay"]})
-    return MuonAdamW([g for g in groups if g["params"]], compiled=compiled)
+        groups.append({"kind": "muon", "params": by_shape[shape], "lr": hp["matrix_lr"], "initial_lr": hp["matrix_lr"],
+                       "momentum": 0.95, "beta2": knobs["muon_beta2"], "ns_steps": 5,
+                       "weight_decay": hp["weight_decay"]})
+    return MuonAdamW([g for g in groups if g["params"]], compiled=compiled,
+                     muon_options={k: knobs[k] for k in optim.MUON_DEFAULTS}, adamw_fp32_math=knobs["adamw_fp32_math"])
 
 
 # ----------------------------------------------------------------------------- device, fp8, eval
@@ -194,8 +174,9 @@ def fp8_supported(device):
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
-def convert_fp8(model, recipe, emulate=False):
-    """Swap Linear layers whose dims are multiples of 16 for torchao Float8Linear; (converted, skipped).
+def convert_fp8(model, recipe, min_dim=0, emulate=False):
+    """Swap Linear layers whose dims are multiples of 16 (and, from nanochat 324e69c, both at least
+    `min_dim`) for torchao Float8Linear; (converted, skipped).
     `emulate` (the CPU): same fp8 casts and scales, but the matmul in high precision, since PyTorch's CPU
     _scaled_mm is a reference kernel (~40 s for one 2048x128x4096 product on 2 cores)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -205,7 +186,8 @@ def convert_fp8(model, recipe, emulate=False):
     def eligible(module, name):
         if not isinstance(module, torch.nn.Linear):
             return False
-        ok = module.in_features % 16 == 0 and module.out_features % 16 == 0
+        ok = (module.in_features % 16 == 0 and module.out_features % 16 == 0
+              and min(module.in_features, module.out_features) >= min_dim)
         (converted if ok else skipped).append(f"{name} ({module.in_features}->{module.out_features})")
         return ok
 
@@ -269,7 +251,8 @@ class Trainer:
         self.device, self.rank, _, self.world = setup_device(args.device_type)
         self.master = self.rank == 0
         self.hp = resolve(args, self.enc.n_vocab, self.world)
-        self.token_bytes = torch.from_numpy(np.load(tok_dir / "token_bytes.npy")).to(self.device)
+        self.knobs = self.hp["recipe"]["knobs"]
+        self.token_bytes = evaluate.token_bytes(self.enc, tok_dir, self.knobs["token_bytes"]).to(self.device)
         self.ckpt_dir, self.metrics_path = self.work / "checkpoints", self.work / "metrics.jsonl"
         self.work.mkdir(parents=True, exist_ok=True)
 
@@ -297,9 +280,11 @@ class Trainer:
         if args.fp8:
             if fp8_supported(self.device):
                 cpu = self.device.type == "cpu"
-                self.fp8_layers["converted"], self.fp8_layers["skipped"] = convert_fp8(model, args.fp8_recipe, cpu)
+                self.fp8_layers["converted"], self.fp8_layers["skipped"] = convert_fp8(
+                    model, args.fp8_recipe, self.knobs["fp8_min_dim"], cpu)
                 print(f"fp8: converted {len(self.fp8_layers['converted'])} Linear layers; skipped (dims not "
-                      f"divisible by 16): {', '.join(self.fp8_layers['skipped']) or 'none'}", file=sys.stderr)
+                      f"divisible by 16, or under {self.knobs['fp8_min_dim']}): "
+                      f"{', '.join(self.fp8_layers['skipped']) or 'none'}", file=sys.stderr)
             elif args.fp8_fallback:
                 print("fp8: this device has no fp8 support; training in bf16 (--fp8-fallback)", file=sys.stderr)
             else:
@@ -314,7 +299,7 @@ class Trainer:
         use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
         self.compiled = torch.compile(model, dynamic=False) if use_compile else model
         # on CUDA the optimizer compiles with the model; on a CPU its elementwise passes are not what a step waits on
-        self.optimizer = make_optimizer(model, hp, args, compiled=use_compile and self.device.type == "cuda")
+        self.optimizer = make_optimizer(model, hp, compiled=use_compile and self.device.type == "cuda")
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state)
         self.step = meta.get("step", 0)
@@ -360,7 +345,7 @@ class Trainer:
 
     def evaluate(self):
         args = self.args
-        steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * self.world))
+        steps = self.hp["eval_steps"]
         loader = DistributedLoader([self.val_dir], args.device_batch_size, args.max_seq_len, self.rank, self.world)
         self.model.eval()
         with plain_linears(self.model):
@@ -374,7 +359,7 @@ class Trainer:
         return bpb
 
     def train_step(self):
-        hp, args = self.hp, self.args
+        hp = self.hp
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
@@ -385,13 +370,13 @@ class Trainer:
                 loss = self.compiled(x, y)
             total += loss.detach()
             (loss / hp["grad_accum_steps"]).backward()
-        lrm = lr_multiplier(self.step, hp["num_iterations"], args.warmup_ratio, args.warmdown_ratio,
-                            args.final_lr_frac)
+        steps, schedule = hp["num_iterations"], hp["schedule"]
+        lrm = dims.lr_multiplier(self.step, steps, schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(self.step)
-                group["weight_decay"] = hp["weight_decay"] * (1 - self.step / hp["num_iterations"])
+                group["momentum"] = dims.muon_momentum(self.step, steps, schedule)
+                group["weight_decay"] = dims.muon_weight_decay(self.step, steps, hp["weight_decay"], schedule)
         self.optimizer.step()
         self.model.zero_grad(set_to_none=True)
         if self.world > 1:  # log the loss of the whole batch, not just this rank's share
@@ -438,7 +423,7 @@ class Trainer:
             mfu = 100 * hp["flops_per_token"] * tok_per_sec / (peak * self.world) if peak else None
             self.step += 1
             record = {"step": self.step, "loss": loss, "smooth_loss": smooth / (1 - SMOOTHING ** self.step),
-                      "lrm": lrm, "matrix_lr": hp["lr"]["matrix"] * lrm, "dt_ms": 1000 * dt,
+                      "lrm": lrm, "matrix_lr": hp["matrix_lr"] * lrm, "dt_ms": 1000 * dt,
                       "tok_per_sec": tok_per_sec, "mfu": mfu, "total_training_time": self.loop["total_training_time"]}
             self.log(record)
             if run is not None and self.step % 100 == 0:
@@ -481,7 +466,8 @@ class Trainer:
         os.replace(self._final_model(), final / "model.pt")
         shutil.copyfile(self.metrics_path, final / "metrics.jsonl")
         store.write_json(final / "model.json", {"config": self.hp["model"], "step": self.step,
-                                                "tokenizer": self.spec["inputs"][0] if self.spec else None})
+                                                "tokenizer": self.spec["inputs"][0] if self.spec else None,
+                                                "recipe": self.hp["recipe"]})
         store.write_json(final / "train_summary.json", summary)
         files = ["model.pt", "model.json", "metrics.jsonl", "train_summary.json"]
         store.seal(self.spec, files, final, self.out, resolved={k: v for k, v in self.hp.items()},

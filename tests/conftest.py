@@ -97,6 +97,19 @@ class ShardServer:
         self.httpd.server_close()
 
 
+def tiny_hp(vocab_size, recipe=None, weight_decay=None, steps=4):
+    """The optimizer hyperparameters a depth-2 run of `recipe` derives (train.resolve) at the reference
+    batch of 2^19 tokens, so learning rates are not scaled down, for tests that build their own small
+    model; `weight_decay` replaces Muon's derived one."""
+    from pipeline import train
+    hp = train.resolve(train.parse_args(["--depth=2", "--max-seq-len=16", "--device-batch-size=32768",
+                                         "--total-batch-size=524288", f"--num-iterations={steps}",
+                                         *([f"--recipe={recipe}"] if recipe else [])]), vocab_size, 1)
+    if weight_decay is not None:
+        hp["weight_decay"] = weight_decay
+    return hp
+
+
 @pytest.fixture
 def shard_server():
     with ShardServer(WEBTEXT) as srv:

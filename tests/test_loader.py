@@ -3,7 +3,22 @@ import collections
 import numpy as np
 import pytest
 
-from pipeline.loader import BestFitPacker, DistributedLoader, TokenShards
+from pipeline.loader import REFILL, BestFitPacker, DistributedLoader, DocStream, TokenShards
+
+
+class Docs:
+    """A stream of (length, shard, doc) handed out `per_chunk` at a time, as DocStream.chunk does."""
+
+    def __init__(self, lengths, per_chunk=1):
+        self.docs = iter([(n, 0, i) for i, n in enumerate(lengths)])
+        self.per_chunk, self.chunks = per_chunk, 0
+
+    def chunk(self):
+        out = [doc for _, doc in zip(range(self.per_chunk), self.docs, strict=False)]
+        if not out:
+            raise StopIteration
+        self.chunks += 1
+        return out
 
 
 def one_epoch(blocks, world, batch=4, seq_len=128, buffer_size=64):
@@ -57,14 +72,37 @@ def test_rows_match_document_tokens(smoke_data):
 
 
 def test_best_fit_takes_the_largest_that_fits_then_crops_the_shortest():
-    docs = iter([(5, 0, 0), (3, 0, 1), (9, 0, 2), (2, 0, 3)])
-    packer = BestFitPacker(docs, capacity=8, buffer_size=4)
+    packer = BestFitPacker(Docs([5, 3, 9, 2]), capacity=8, buffer_size=4)
     # fits: 5 (largest <= 8), then 3 (largest <= 3) -> full
     assert packer.next_row() == [(0, 0, 5), (0, 1, 3)]
     # left: 9, 2. 9 does not fit, 2 does; then nothing fits 6 -> crop the shortest left (9) to 6
     assert packer.next_row() == [(0, 3, 2), (0, 2, 6)]
     with pytest.raises(StopIteration):
         packer.next_row()
+
+
+def test_equal_lengths_go_in_the_order_they_came_as_in_nanochat():
+    """nanochat scans its buffer (a list in arrival order) for the largest document that fits, keeping the
+    first of equal ones, and crops the first of the shortest: so do we, which makes our rows its rows."""
+    packer = BestFitPacker(Docs([3, 5, 3, 5, 9, 9]), capacity=8, buffer_size=6)
+    assert packer.next_row() == [(0, 1, 5), (0, 0, 3)]  # the first 5, then the first 3
+    assert packer.next_row() == [(0, 3, 5), (0, 2, 3)]
+    assert packer.next_row() == [(0, 4, 8)]  # nothing fits whole: the first of the two 9s is cropped
+    assert packer.next_row() == [(0, 5, 8)]
+
+
+def test_the_buffer_is_topped_up_a_chunk_at_a_time(smoke_data):
+    """nanochat tokenizes each row group 128 documents at a time and tops its buffer up with whole batches:
+    a shard's documents come in chunks that end at multiples of 128 or at the shard's end."""
+    shards = TokenShards(smoke_data["blocks"][:1])
+    stream = DocStream(shards)
+    sizes = [[len(stream.chunk()) for _ in range(-(-n // REFILL))] for n in shards.num_docs]
+    for n, chunks in zip(shards.num_docs, sizes, strict=True):
+        assert chunks == [REFILL] * (n // REFILL) + ([n % REFILL] if n % REFILL else [])
+    docs = Docs(range(1, 2000), per_chunk=REFILL)
+    packer = BestFitPacker(docs, capacity=2048, buffer_size=1000)
+    packer.next_row()
+    assert docs.chunks == 8  # 8 x 128 = 1024 >= 1000: the buffer holds whole chunks, not exactly 1000
 
 
 def test_same_rows_whatever_the_world_size(smoke_data):

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, tiny_hp
 from pipeline import dims, train
 from pipeline import model as model_module
+from pipeline import recipe as recipes
 from pipeline.model import GPT, GPTConfig, has_value_embedding, window_mask, window_sizes
 from pipeline.optim import MuonAdamW, orthogonalize
 
@@ -36,69 +37,102 @@ def test_every_seed_command_parses():
     assert run3.run == "d26_feb4_double_batch_ratio8.25" and run3.core_metric_every == 999999
 
 
-@pytest.mark.parametrize("flags, iterations, batch", [
-    (["--depth=24", "--target-param-data-ratio=12", "--total-batch-size=524288"], 16704, 2**19),   # run 1
-    (["--depth=26", "--target-param-data-ratio=8.5", "--total-batch-size=524288"], 14889, 2**19),  # run 2
-    (["--depth=26", "--target-param-data-ratio=8.25", "--total-batch-size=1048576"], 7226, 2**20),  # run 3
-    (["--depth=24", "--target-param-data-ratio=9.5"], 6612, 2**20),                                  # run 4, auto
-    (["--depth=12"], int(10.5 * 110101632) // 2**19, 2**19),
-])
-def test_depth_resolves_to_the_leaderboard_step_counts(flags, iterations, batch):
-    hp = train.resolve(train.parse_args([*flags, "--device-batch-size=16"]), 32768, 8)
-    assert (hp["num_iterations"], hp["total_batch_size"]) == (iterations, batch)
-    assert hp["grad_accum_steps"] == batch // (16 * 2048 * 8)
+def resolve(*flags, world=8):
+    return train.resolve(train.parse_args([*flags, "--device-batch-size=16"]), 32768, world)
+
+
+def test_every_published_row_derives_its_leaderboard_step_count():
+    # runs 1-3: the steps of their wandb summaries / dev/LEADERBOARD.md; each run's flags at its commit
+    assert resolve("--recipe=348fbb3", "--depth=24", "--target-param-data-ratio=12")["num_iterations"] == 16704
+    assert resolve("--recipe=a67eba3", "--depth=26", "--target-param-data-ratio=8.5",
+                   "--fp8")["num_iterations"] == 14889
+    assert resolve("--recipe=2c062aa", "--depth=26", "--target-param-data-ratio=8.25", "--total-batch-size=1048576",
+                   "--fp8")["num_iterations"] == 7226
 
 
 def test_run_1_flops_match_the_published_total():
-    hp = train.resolve(train.parse_args(["--depth=24", "--target-param-data-ratio=12",
-                                         "--total-batch-size=524288"]), 32768, 8)
-    assert hp["total_flops"] == pytest.approx(4.330784131228946e19, rel=1e-4)
+    hp = resolve("--recipe=348fbb3", "--depth=24", "--target-param-data-ratio=12")
+    assert hp["total_flops"] == 4.330784131228946e19  # the wandb summary of run 1, to the last digit
 
 
 def test_hyperparameters_scale_with_batch_and_width():
-    small = train.resolve(train.parse_args(["--depth=12"]), 32768, 1)
-    big = train.resolve(train.parse_args(["--depth=26"]), 32768, 1)
-    assert small["lr"]["matrix"] == pytest.approx(0.02)        # d12, 2^19: the reference point
-    assert small["lr"]["embedding"] == pytest.approx(0.3)
-    assert big["lr"]["matrix"] == pytest.approx(0.02 * math.sqrt(2))
-    assert big["lr"]["embedding"] == pytest.approx(0.3 * (1664 / 768) ** -0.5 * math.sqrt(2))
-    assert small["weight_decay"] == pytest.approx(0.2)
+    small, big = resolve("--depth=12", world=1), resolve("--depth=26", world=1)
+    assert small["total_batch_size"] == 2**19 and big["total_batch_size"] == 2**20
+    assert small["matrix_lr"] == pytest.approx(0.02)                  # d12, 2^19: the reference point
+    assert small["adamw"]["wte"][0] == pytest.approx(0.3)
+    assert big["matrix_lr"] == pytest.approx(0.02 * math.sqrt(2))
+    assert big["adamw"]["wte"][0] == pytest.approx(0.3 * (1664 / 768) ** -0.5 * math.sqrt(2))
+    assert big["adamw"]["value_embeds"][0] == pytest.approx(big["adamw"]["wte"][0] / 2)  # 6ed7d1d on
+    assert small["weight_decay"] == pytest.approx(0.28)
     assert big["weight_decay"] < small["weight_decay"]
+    # until 324e69c Muon's decay fell as 1/depth^2, whatever the batch and horizon
+    assert resolve("--recipe=2c062aa", "--depth=24")["weight_decay"] == pytest.approx(0.2 / 4)
 
 
 def test_a_batch_the_devices_cannot_split_is_refused():
     with pytest.raises(train.StageError, match="not a multiple"):
-        train.resolve(train.parse_args(["--depth=12", "--total-batch-size=100000"]), 32768, 8)
+        resolve("--depth=12", "--total-batch-size=100000")
 
 
-def test_schedules():
-    assert train.lr_multiplier(0, 100, 0.0, 0.5, 0.0) == 1.0
-    assert train.lr_multiplier(50, 100, 0.0, 0.5, 0.0) == 1.0
-    assert train.lr_multiplier(75, 100, 0.0, 0.5, 0.0) == pytest.approx(0.5)
-    assert train.lr_multiplier(100, 100, 0.0, 0.5, 0.1) == pytest.approx(0.1)
-    assert train.lr_multiplier(0, 100, 0.1, 0.5, 0.0) == pytest.approx(0.1)
-    assert train.muon_momentum(0) == 0.85 and train.muon_momentum(150) == pytest.approx(0.9)
-    assert train.muon_momentum(10_000) == 0.95
+def test_a_flag_the_commit_did_not_have_is_refused():
+    with pytest.raises(train.StageError, match="--warmup-ratio is not a base_train flag at nanochat 92d63d4"):
+        resolve("--depth=12", "--warmup-ratio=0.1")
+    with pytest.raises(train.StageError, match="--fp8 is not a base_train flag at nanochat 348fbb3"):
+        resolve("--recipe=348fbb3", "--depth=12", "--fp8")
+    with pytest.raises(train.StageError, match="unknown knob 'softcapp'"):
+        resolve("--depth=12", '--knobs={"softcapp": 20}')
+    assert resolve("--depth=12", '--knobs={"softcap": 20}')["model"]["softcap"] == 20
 
 
+def schedule_of(*flags, steps=1000):
+    hp = resolve("--depth=12", f"--num-iterations={steps}", *flags)
+    return hp["num_iterations"], hp["schedule"]
+
+
+def test_schedules_of_each_recipe():
+    steps, old = schedule_of("--recipe=348fbb3")  # no warmup, warmdown over the second half to 0
+    assert [dims.lr_multiplier(s, steps, old) for s in (0, 500, 750, 1000)] == [1.0, 1.0, 0.5, 0.0]
+    assert [dims.muon_momentum(s, steps, old) for s in (0, 150, 300, 999)] == [0.85, pytest.approx(0.9), 0.95, 0.95]
+    assert dims.muon_weight_decay(500, steps, 0.2, old) == pytest.approx(0.1)  # linear
+    # 40 warmup steps; warmdown over the last 65% to 5%; momentum 0.85 -> 0.97, back to 0.90 in the warmdown
+    steps, new = schedule_of("--recipe=a825e63", steps=2000)
+    assert dims.lr_multiplier(0, steps, new) == pytest.approx(1 / 40) and dims.lr_multiplier(40, steps, new) == 1
+    assert dims.lr_multiplier(700, steps, new) == 1 and dims.lr_multiplier(2000, steps, new) == pytest.approx(0.05)
+    assert dims.muon_momentum(200, steps, new) == pytest.approx(0.91)
+    assert dims.muon_momentum(400, steps, new) == 0.97 and dims.muon_momentum(699, steps, new) == 0.97
+    assert dims.muon_momentum(1999, steps, new) == pytest.approx(0.90, abs=1e-4)
+    assert dims.muon_weight_decay(1000, steps, 0.2, new) == pytest.approx(0.1)  # cosine: half at half-way
+    assert dims.muon_weight_decay(500, steps, 0.2, new) == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
+    steps, run5 = schedule_of("--recipe=6ed7d1d", steps=2000)
+    assert dims.muon_momentum(1999, steps, run5) == 0.97  # before a825e63 it stays at its peak
+
+
+@pytest.mark.parametrize("recipe", recipes.COMMITS)
 @pytest.mark.parametrize("depth", [2, 12, 24, 26])
-def test_model_counts_agree_with_dims(depth):
+def test_model_counts_agree_with_dims(depth, recipe):
+    config = GPTConfig.from_depth(depth, 32768, recipe=recipe)
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_depth(depth, 32768))
-    assert model.num_scaling_params()["scaling"] == dims.scaling_params(depth, 32768)
+        model = GPT(config)
+    knobs = recipes.knobs(recipe)
+    assert model.num_scaling_params() == dims.param_counts(depth, 32768, ve_gate_channels=knobs["ve_gate_channels"],
+                                                           smear=knobs["smear"], backout=knobs["backout"])
+    assert model.estimate_flops() == dims.flops_per_token(depth, 32768, 2048, "SSSL", knobs)
 
 
 def test_flops_per_token_match_nanochat():
     with torch.device("meta"):
-        d24 = GPT(GPTConfig.from_depth(24, 32768))
+        d24 = GPT(GPTConfig.from_depth(24, 32768, recipe="348fbb3"))
     assert d24.estimate_flops() == pytest.approx(4.9451e9, rel=1e-4)
 
 
 def test_architecture_details():
-    config = GPTConfig.from_depth(24, 32768)
+    config = GPTConfig.from_depth(24, 32768, recipe="348fbb3")
     assert (config.n_embd, config.n_head) == (1536, 12)
     sizes = window_sizes(config)
-    assert sizes.count(2048) == 6 and sizes.count(1024) == 18 and sizes[-1] == 2048
+    assert sizes.count(2048) == 6 and sizes.count(1024) == 18 and sizes[-1] == 2048  # S: half the context
+    assert window_sizes(GPTConfig.from_depth(24, 32768, recipe="6ed7d1d")).count(768) == 18  # a third, in tiles
+    assert window_sizes(GPTConfig.from_depth(24, 32768, recipe="a825e63")).count(512) == 18  # a quarter
+    assert window_sizes(GPTConfig.from_depth(4, 32768, 512, recipe="a825e63"))[0] == 128
     assert [i for i in range(12) if has_value_embedding(i, 12)] == [1, 3, 5, 7, 9, 11]
     with pytest.raises(ValueError, match="window_pattern"):
         window_sizes(GPTConfig(window_pattern="SXL"))
@@ -282,10 +316,10 @@ def test_orthogonalize_flattens_the_spectrum():
     assert s.min() > 0.5 and s.max() < 1.3
 
 
-def test_optimizer_trains_a_tiny_model():
+@pytest.mark.parametrize("recipe", ["348fbb3", "92d63d4"])
+def test_optimizer_trains_a_tiny_model(recipe):
     model = tiny()
-    hp = {"lr": {"embedding": 0.3, "unembedding": 0.004, "scalar": 0.5, "matrix": 0.02}, "weight_decay": 0.0}
-    opt = train.make_optimizer(model, hp, train.parse_args([]))
+    opt = train.make_optimizer(model, tiny_hp(256, recipe, weight_decay=0.0))
     kinds = [g["kind"] for g in opt.param_groups]
     assert kinds.count("adamw") == 5 and kinds.count("muon") >= 3
     x = torch.randint(0, 256, (4, 33))
@@ -309,6 +343,7 @@ def test_config_schema_allows_exactly_the_train_flags():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     allowed = set(schema["properties"]["rows"]["additionalProperties"]["properties"]["train"]["properties"])
     # resume_from_step is a row flag too; STORE_FLAGS lists it so that it may also be given by hand beside --spec
-    flags = set(vars(train.build_parser().parse_args([]))) - train.STORE_FLAGS | {"run", "model_tag",
-                                                                               "resume_from_step"}
+    # the recipe and its knob overrides are flags that the plan fills from fields of the row itself
+    flags = set(vars(train.build_parser().parse_args([]))) - train.STORE_FLAGS - {"recipe", "knobs"} | {
+        "run", "model_tag", "resume_from_step"}
     assert allowed == flags

@@ -6,12 +6,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline import train
+from conftest import tiny_hp
+from pipeline import dims, train
 from pipeline.model import GPT, GPTConfig
 
 BATCH_ROWS = 6  # split evenly over 1, 2 and 3 ranks, so every world size averages the same gradient
 SPLIT_FROM = 4096  # AdamW splits parameters this big by rows: here the embeddings and lm_head (128 x 64)
-HP = {"lr": {"embedding": 0.3, "unembedding": 0.004, "scalar": 0.5, "matrix": 0.02}, "weight_decay": 0.1}
+HP = tiny_hp(128, weight_decay=0.1)
 
 
 def tiny_gpt():
@@ -30,7 +31,7 @@ def train_tiny(rank, world, out, steps=4):
     with torch.no_grad():  # off the init's zeros, whose near-zero gradients Adam would turn into noise
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    opt = train.make_optimizer(model, HP, train.parse_args([]))
+    opt = train.make_optimizer(model, HP)
     opt.split_from = SPLIT_FROM
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -88,8 +89,9 @@ def test_split_optimizer_steps_as_one_process_does(one_process, world, tmp_path)
         assert saved["refused"]  # a split state is not checkpointed by accident
         got = tensors({"model": saved["model"], "optim": saved["optim"]["state"]})
         assert got.keys() == reference.keys()
-        for name, want in reference.items():
-            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=2e-4, msg=name)
+        for name, want in reference.items():  # gradients summed in another order: Adam makes 1e-7 noise on a
+            # near-zero gradient (a token seen once) up to ~5e-4 of an embedding weight; a bug moves whole rows
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-3, msg=name)
     # gathered, every rank holds the same whole state: any rank's checkpoint resumes anywhere
     first = tensors(ranks[0]["optim"]["state"])
     for saved in ranks[1:]:
@@ -106,7 +108,7 @@ def test_compiled_updates_compute_what_eager_does():
     runs = []
     for compiled in (False, True):
         model = tiny_gpt()
-        opt = train.make_optimizer(model, HP, train.parse_args([]), compiled=compiled)
+        opt = train.make_optimizer(model, HP, compiled=compiled)
         grads = torch.Generator().manual_seed(1)
         for step in range(3):
             for p in model.parameters():
@@ -114,7 +116,8 @@ def test_compiled_updates_compute_what_eager_does():
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * (1 - step / 4)
                 if group["kind"] == "muon":
-                    group["momentum"], group["weight_decay"] = train.muon_momentum(step * 100), 0.1 * (1 - step / 4)
+                    group["momentum"] = dims.muon_momentum(step * 100, 400, HP["schedule"])
+                    group["weight_decay"] = 0.1 * (1 - step / 4)
             opt.step()
             if step == 0:
                 graphs = counters["stats"]["unique_graphs"]

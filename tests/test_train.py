@@ -12,6 +12,7 @@ import torch
 
 from conftest import REPO, unlocked
 from pipeline import checkpoint, launch, plan, store, train
+from pipeline import recipe as recipes
 from pipeline.model import GPT
 from pipeline.store import StageError
 
@@ -102,8 +103,18 @@ def test_fp8_runs_on_cpu_and_names_the_layers(smoke, tmp_path):
     layers = json.loads((out / "train_summary.json").read_text())["fp8_layers"]
     assert "lm_head (128->4096)" in layers["converted"]
     assert "transformer.h.0.attn.c_q (128->128)" in layers["converted"]
-    assert layers["skipped"] == ["transformer.h.1.attn.ve_gate (32->1)"]  # 1 output: not divisible by 16
-    assert "skipped (dims not divisible by 16): transformer.h.1.attn.ve_gate" in log
+    # 1 output: not divisible by 16 (the newest recipe: 12-channel value-embedding gate, 24-channel smear gate)
+    assert layers["skipped"] == ["transformer.h.1.attn.ve_gate (12->1)", "smear_gate (24->1)"]
+    assert "skipped (dims not divisible by 16, or under 128): transformer.h.1.attn.ve_gate" in log
+
+
+def test_fp8_leaves_small_layers_to_bf16_from_324e69c():
+    """From 324e69c nanochat converts only Linear layers with both dims >= 128; before, any multiple of 16."""
+    def converted(min_dim):
+        model = GPT(train.GPTConfig(sequence_len=16, vocab_size=512, n_layer=2, n_head=1, n_embd=64))
+        return train.convert_fp8(model, "tensorwise", min_dim, emulate=True)[0]
+    assert "transformer.h.0.mlp.c_fc (64->256)" in converted(recipes.knobs("a67eba3")["fp8_min_dim"])
+    assert converted(recipes.knobs("324e69c")["fp8_min_dim"]) == []
 
 
 def test_compiled_fp8_training_runs_and_says_so(single, smoke, tmp_path):
