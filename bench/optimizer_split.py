@@ -38,7 +38,7 @@ def step_seconds(rank, world, args, rendezvous, results):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**hp["model"])).to(device)
     model.init_weights()
-    optimizer = train.make_optimizer(model, hp, flags, compiled=cuda)  # as train does on CUDA
+    optimizer = train.make_optimizer(model, hp, compiled=cuda)  # as train does on CUDA
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout
 from pipeline import model as model_module  # noqa: E402
-from pipeline import train  # noqa: E402
+from pipeline import recipe, train  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
 
 NANOCHAT_D26_H100 = {False: 78.8e3, True: 92.5e3}  # tok/s per GPU, nanochat dev/LOG.md 2026-02-02
@@ -75,14 +75,15 @@ def main():
     if device.type == "cuda" and not args.masked_windows and not args.no_fa3:
         print(f"FlashAttention-3: {model_module.use_fa3() or 'loaded'}")
     if args.fp8:
-        converted, skipped = train.convert_fp8(model, "tensorwise", emulate=device.type == "cpu")  # as train does
+        min_dim = recipe.knobs(None)["fp8_min_dim"]  # the newest recipe, whose model this is
+        converted, skipped = train.convert_fp8(model, "tensorwise", min_dim, emulate=device.type == "cpu")
         print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
     use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     flags = train.parse_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}",
                               f"--device-batch-size={args.device_batch_size}",
                               f"--total-batch-size={args.grad_accum * args.device_batch_size * args.max_seq_len}"])
-    optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1), flags,
+    optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1),
                                      compiled=use_compile and device.type == "cuda")  # as train does
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

@@ -89,7 +89,7 @@ def model_config(flags, knobs, vocab_size):
 
 MODEL_KNOBS = ("softcap", "rope_base", "rotary_bf16", "short_window_divisor", "short_window_tile", "qk_scale",
                "ve_gate_channels", "ve_gate_scale", "ve_gate_init", "wte_init_std", "c_fc_init_scale",
-               "resid_lambda_init", "x0_lambda_init", "smear", "backout", "smear_gate_init")
+               "resid_lambda_init", "x0_lambda_init", "smear", "backout", "smear_gate_init", "backout_lambda_init")
 
 
 def _scaling_params(depth, vocab_size, flags, knobs):

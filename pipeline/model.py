@@ -96,6 +96,7 @@ class GPTConfig:
     smear: bool = False
     backout: bool = False
     smear_gate_init: float = 0.0
+    backout_lambda_init: float = 0.0
 
     @classmethod
     def from_depth(cls, depth, vocab_size, sequence_len=2048, window_pattern="SSSL", aspect_ratio=dims.ASPECT_RATIO,
@@ -285,7 +286,7 @@ class GPT(nn.Module):
             nn.init.zeros_(self.smear_lambda)
             _uniform_or_zeros(self.smear_gate.weight, c.smear_gate_init)
         if c.backout:
-            nn.init.constant_(self.backout_lambda, 0.2)
+            nn.init.constant_(self.backout_lambda, c.backout_lambda_init)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
         for block in self.transformer.h:

@@ -49,6 +49,7 @@ HISTORY = (
         "smear": False,                     # mix the previous token's embedding in (a825e63)
         "backout": False,                   # subtract the mid-depth residual before the final norm
         "smear_gate_init": 0.0,             # smear gate weights uniform(0, x); 0: zeros, no draw
+        "backout_lambda_init": 0.0,
         "fp8_min_dim": 0,                   # fp8 only for Linear layers with both dims >= this
         # the optimizer (optim.py, setup_optimizer)
         "lm_head_betas": None,              # None: (adam_beta1, adam_beta2)
@@ -126,13 +127,17 @@ HISTORY = (
         "short_window_divisor": 4,
         "qk_scale": 1.2,
         "c_fc_init_scale": 0.4,
+        # init_weights leaves the smear gate and the smear/backout scalars as to_empty made them: garbage on
+        # a CPU (nanochat's own CPU run at this commit never trains), zeros in fresh GPU memory, which is
+        # what run 6 trained from; master initialises them (94b73ad, 9822cc7)
         "smear": True,
         "backout": True,
         "momentum_final": 0.90,
     }),
     ("92d63d4", "Jul 3 2026, master", {
         "target_param_data_ratio": 12,      # 1cd94d7
-        "smear_gate_init": 0.02,            # 9822cc7 (at a825e63 the smear gate was left unset)
+        "smear_gate_init": 0.02,            # 9822cc7
+        "backout_lambda_init": 0.2,         # 94b73ad: the value a825e63's __init__ meant
         "muon_bf16": "compute",             # c0dbf1f
         "muon_eq": True, "muon_plus": True,  # 4e014d3
         "adamw_fp32_math": True,            # e02b339

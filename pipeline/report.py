@@ -34,6 +34,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline import cli, config, plan, provenance, store  # noqa: E402
+from pipeline import recipe as recipes  # noqa: E402
 from pipeline.store import StageError  # noqa: E402
 
 IMPORTED = "imported"  # results/imported/<row>/: rows brought in by `import`
@@ -50,7 +51,8 @@ def load_row(results, name, row_cfg, store_root=None):
     if not (d / "core.json").is_file() and (Path(results) / IMPORTED / name / "core.json").is_file():
         d = Path(results) / IMPORTED / name
     found = {"row": name, "description": row_cfg.get("description", name), "reference": row_cfg.get("reference"),
-             "hf_model": row_cfg.get("hf_model"), "status": "not run", "core": None, "summary": None,
+             "hf_model": row_cfg.get("hf_model"), "recipe": None if "hf_model" in row_cfg else recipes.commit_of(
+                 row_cfg.get("recipe")), "status": "not run", "core": None, "summary": None,
              "manifest": None, "metrics": [], "problems": [], "imported": d.parent.name == IMPORTED}
     if not any((d / f).is_file() for f in provenance.PUBLISHED):
         return found
@@ -102,20 +104,39 @@ def _commit(manifest):
     return git["commit"][:7] + ("-dirty" if git.get("dirty") else "")
 
 
+def recipe_text(r, ref=None):
+    """The nanochat commit whose recipe the row trained (its train manifest; the config's for a row not run
+    yet), its knob overrides, and whether it differs from the published row's commit."""
+    if r["hf_model"]:
+        return "-"
+    params = _first_train(r["manifest"]).get("params", {})
+    recipe = params.get("recipe") or (r["recipe"] if r["status"] == "not run" else None)
+    if recipe is None:
+        return "unversioned recipe (trained before recipes were recorded)"
+    text = f"recipe {recipe}"
+    if params.get("knobs"):
+        text += " + " + ", ".join(f"{k}={v}" for k, v in sorted(params["knobs"].items()))
+    if ref and ref.get("commit") and ref["commit"] != recipe:
+        text += f" (differs from the published {ref['commit']})"
+    return text
+
+
 def _date(manifest):
     finished = max((m.get("finished_at") or "" for m in _stage(manifest, "core")), default="")
     return finished[:10] or "-"
 
 
-def ours_line(r):
+def ours_line(r, ref=None):
+    """A reproduction's line: its Commit cell is the nanochat recipe it trained (the pipeline's own git
+    commit is in the details)."""
     s, c = r["summary"], r["core"]
     number = f"{r['reference']} (ours)" if r["reference"] is not None else r["row"]
     if r["status"] in ("not run", "refused"):
         why = f"row `{r['row']}`" + (": does not verify, see below" if r["problems"] else "")
-        return [number, r["status"], "-", "-", r["description"], "-", "-", why]
+        return [number, r["status"], "-", "-", r["description"], "-", recipe_text(r, ref), why]
     hours = f"{s['total_training_time'] / 3600:.2f}" if s else "-"
     bpb = _fmt(s.get("min_val_bpb") if s else None, ".5f")
-    return [number, hours, bpb, _core_text(c), r["description"], _date(r["manifest"]), _commit(r["manifest"]),
+    return [number, hours, bpb, _core_text(c), r["description"], _date(r["manifest"]), recipe_text(r, ref),
             f"row `{r['row']}`"]
 
 
@@ -130,7 +151,7 @@ def leaderboard(rows, reference):
     lines = []
     for ref in reference["rows"]:
         lines.append(published_line(ref))
-        lines += [ours_line(r) for r in rows if r["reference"] == ref["number"]]
+        lines += [ours_line(r, ref) for r in rows if r["reference"] == ref["number"]]
     lines += [ours_line(r) for r in rows if r["reference"] is None]
     return pd.DataFrame(lines, columns=COLUMNS)
 
@@ -188,6 +209,7 @@ def details(rows, gpt2_core, gpu_hour_usd):
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
             "core_min": spread.get("min"), "core_max": spread.get("max"), "beats_gpt2": _verdict(c, gpt2_core),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
+            "recipe": recipe_text(r), "pipeline_commit": _commit(m),
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
             "train_key": " ".join(t["key"] for t in _stage(m, "train")) or None,
             "core_key": " ".join(t["key"] for t in _stage(m, "core")) or None,

@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline import config, plan
 from pipeline.config import ConfigError
 
 
@@ -64,6 +64,33 @@ def test_bad_config_is_refused_naming_row_and_field(repo_config, edit, where, wh
     assert msg.startswith("my.yaml is not valid")
     line = next(line for line in msg.splitlines() if line.strip().startswith(where + ":"))
     assert what in line
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("edit, where, what", [
+    (lambda c: c["rows"]["d12"].update(recipe="abc1234"), "rows.d12.recipe", "unknown recipe 'abc1234'; recipes"),
+    (lambda c: c["rows"]["d12"].update(recipe="latest"), "rows.d12.recipe", "does not match"),
+    (lambda c: c["rows"]["d12"].update(knobs={"softcapp": 20}), "rows.d12.knobs.softcapp", "unknown knob"),
+    (lambda c: c["rows"]["d12"].update(knobs={"softcap": "20"}), "rows.d12.knobs.softcap", "should be a number"),
+    (lambda c: c["rows"]["d12"].update(knobs={"weight_decay": 0.1}), "rows.d12.knobs.weight_decay",
+     "set it under the row's train:"),
+    (lambda c: c["rows"]["d12"]["train"].update(warmup_ratio=0.1), "rows.d12.train.warmup_ratio",
+     "not a base_train flag at nanochat 92d63d4 (it is at 348fbb3, a67eba3, 2c062aa, 324e69c); use warmup_steps"),
+    (lambda c: c["rows"]["d24_jan29"]["train"].update(fp8=True), "rows.d24_jan29.train.fp8", "it came in a67eba3"),
+    (lambda c: c["rows"]["d24_jan29"].update(val_shard=100), "rows.d24_jan29.val_shard",
+     "one of the training shards (0..368)"),
+    (lambda c: c["rows"]["d24_jan29"].update(val_shard=5000), "rows.d24_jan29.val_shard", "past the end"),
+])
+def test_a_bad_recipe_is_refused_naming_row_and_field(repo_config, edit, where, what):
+    line = next(line for line in bad(repo_config, edit).splitlines() if line.strip().startswith(where + ":"))
+    assert what in line
+
+
+def test_a_row_may_validate_on_another_shard(repo_config):
+    """The documented option: a FineWeb row validates on the dataset's own last shard instead of 369."""
+    cfg = copy.deepcopy(repo_config)
+    cfg["rows"]["d24_jan29"]["val_shard"] = 1822
+    assert plan.make_plan(config.check(cfg)).rows["d24_jan29"]["val_shard"] == 1822
 
 
 @pytest.mark.bad_input

@@ -107,6 +107,27 @@ def test_long_prompts_lose_tokens_on_the_left():
     assert tiny.spans[0][0] == 1  # the span keeps a token before it to be scored from
 
 
+def test_our_model_sees_long_prompts_whole_as_nanochats_does():
+    """nanochat crops CORE prompts only for a model with a position limit (its GPT-2 wrapper), never for
+    its own GPT, whose rotary tables run 10x past the context: past the context every layer, the full
+    ones too, sees a sliding window of sequence_len positions."""
+    ex = core_tasks.tokenize(task("language_modeling"), {"context": "x" * 50, "continuation": "yy"}, [], encode, BOS,
+                             max_len=None)
+    assert len(ex.rows[0]) == len([BOS] + encode("x" * 50 + " yy"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, window_pattern="L"))
+    model.init_weights()
+    for block in model.transformer.h:  # non-zero output projections, so attention shows in the logits
+        torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
+    x = torch.randint(0, 64, (1, 200))  # past even the 10x tables (160): made for the call
+    moved = x.clone()
+    moved[0, 0] = (moved[0, 0] + 1) % 64
+    a, b = model(x), model(moved)
+    assert torch.equal(a[0, 33:], b[0, 33:])  # two windows of 16 reach 32 back, no further
+    assert not torch.allclose(a[0, 1:17], b[0, 1:17])
+    assert torch.allclose(model(x[:, :16]), a[:, :16], atol=1e-6)  # within the context, as in training
+
+
 def test_centered_accuracy():
     assert core_tasks.centered(0.25, 25) == 0.0
     assert core_tasks.centered(1.0, 25) == 1.0

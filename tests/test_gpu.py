@@ -48,6 +48,31 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
     assert fa3 or "FlashAttention-3 not used: " in proc.stderr  # and if not, it says why
 
 
+@pytest.mark.parametrize("recipe", ["348fbb3", "92d63d4"])  # AdamW in bf16 itself / in fp32, stored back
+def test_embeddings_are_bf16_on_cuda_as_nanochats(recipe):
+    """nanochat keeps wte and the value embeddings in bf16 on CUDA (and their AdamW moments), so the
+    residual stream is bf16; the block matrices and the scalars stay fp32 master weights."""
+    from conftest import tiny_hp
+    from pipeline import train
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(2, 512, 64, recipe=recipe))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert all(e.weight.dtype == torch.bfloat16 for e in model.value_embeds.values())
+    assert model.lm_head.weight.dtype == torch.float32 and model.resid_lambdas.dtype == torch.float32
+    x = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model.trunk(x).dtype == torch.bfloat16
+        loss = model(x, x)
+    loss.backward()
+    opt = train.make_optimizer(model, tiny_hp(512, recipe))
+    before = model.transformer.wte.weight.detach().clone()
+    opt.step()
+    assert opt.state[model.transformer.wte.weight]["exp_avg"].dtype == torch.bfloat16
+    assert not torch.equal(before, model.transformer.wte.weight)
+
+
 def test_batches_reach_the_gpu_intact_through_pinned_memory():
     rows = np.arange(4 * 10, dtype=np.int64).reshape(4, 10)
     arrays = (rows[:, :-1], np.full((4, 9), -1, dtype=np.int64))  # a strided view, as the loader's inputs

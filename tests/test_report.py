@@ -31,7 +31,7 @@ def sealed(store_root, stage, key, files, params=None, inputs=(), resolved=None)
 
 
 def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, device="NVIDIA H100 80GB HBM3",
-              seeds=None):
+              seeds=None, recipe=None):
     """results/<name>/ as `snakemake results/<name>/core.json` leaves it, through the real publish code."""
     store_root = results / "store"
     trains, cores = [], []
@@ -56,7 +56,8 @@ def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, dev
         train = sealed(store_root, "train", tag[:16],
                        {"train_summary.json": store.json_text(summary),
                         "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)},
-                       params={"depth": depth, **({"seed": seed} if seed is not None else {})},
+                       params={"depth": depth, **({"seed": seed} if seed is not None else {}),
+                               **({"recipe": recipe} if recipe else {})},
                        resolved={"flops_per_token": 4.9451e9 * depth / 24, "total_batch_size": 524288})
         trains.append(train)
         cores.append(sealed(store_root, "core", tag[16:32], {"core.json": store.json_text(core)},
@@ -74,8 +75,8 @@ def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, dev
 def built(tmp_path, repo_config):
     cfg = config.check(copy.deepcopy(repo_config))
     results, out = tmp_path / "results", tmp_path / "reports"
-    write_row(results, "d24_jan29", core_metric=0.2590, partial=False, time_s=10800.0, depth=24)
-    write_row(results, "d26_fp8", core_metric=0.2412, partial=True, time_s=9000.0, depth=26, gpus=4)
+    write_row(results, "d24_jan29", core_metric=0.2590, partial=False, time_s=10800.0, depth=24, recipe="348fbb3")
+    write_row(results, "d26_fp8", core_metric=0.2412, partial=True, time_s=9000.0, depth=26, gpus=4, recipe="92d63d4")
     reference = report.load_reference(REPO / "config" / "reference.yaml")
     report.build(cfg, reference, results, out, results / "store")
     return out, results
@@ -90,9 +91,12 @@ def test_markdown_has_published_rows_beside_reproduced_ones(built):
     md = (out / "leaderboard.md").read_text()
     rows = {r[0]: r for r in table_rows(md)}
     assert rows["1"][1:4] == ["3.04", "0.74833", "0.2585"]
-    assert rows["1 (ours)"][1:4] == ["3.00", "0.74810", "0.2590"] and rows["1 (ours)"][6] == "0123456"
+    assert rows["1 (ours)"][1:4] == ["3.00", "0.74810", "0.2590"]
     assert rows["2 (ours)"][3] == "0.2412 (partial: 2 tasks)"
     assert rows["4 (ours)"][1] == "not run" and rows["d12"][1] == "not run"   # missing rows are listed
+    # the Commit cell of a reproduction: the recipe it trained, and whether that is the published run's
+    assert rows["1 (ours)"][6] == "recipe 348fbb3" and rows["4 (ours)"][6] == "recipe 324e69c"
+    assert rows["2 (ours)"][6] == "recipe 92d63d4 (differs from the published a67eba3)"
     order = [r[0] for r in table_rows(md)]
     assert order.index("1 (ours)") == order.index("1") + 1
 
@@ -111,6 +115,7 @@ def test_details_say_who_beats_gpt2_and_what_it_cost(built):
     assert jan29["beats_gpt2"] == "yes" and jan29["cost_usd"] == "72.00"          # 3 h x 8 GPUs x $3
     assert details_rows((out / "leaderboard.md").read_text())["d26_fp8"]["beats_gpt2"] == "not comparable (partial)"
     assert jan29["command"] == "`snakemake --cores all results/d24_jan29/core.json`"
+    assert (jan29["recipe"], jan29["pipeline_commit"]) == ("recipe 348fbb3", "0123456")
     assert (jan29["tok_per_sec"], jan29["mfu_percent"]) == ("811,000", "48.5")      # how fast, and how it ran
     assert jan29["setup"] == "fp8 (2 layers), compiled, flash windows"
     assert report._setup({"device": "cuda:0", "compiled": True, "window_attention": "fa3"}) == \
