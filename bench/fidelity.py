@@ -78,7 +78,7 @@ def nanochat_side(args, out, data):
 
 def our_side(args, out, data):
     """Our tokenizer, token shards and train stages for a row of this recipe on the same shards."""
-    cfg = {"store_dir": str(out / "store"), "work_dir": str(out / "work"),
+    cfg = {"store_dir": str(out.parent / "store"), "work_dir": str(out / "work"),  # shards shared by all recipes
            "datasets": {"fidelity": {"hf_repo": None, "base_url": str(data[0].parent), "val_shard": len(data) - 1,
                                      "block_size": len(data) - 1}},
            "tokenizers": {"fidelity_32k": {"dataset": "fidelity", "vocab_size": 32768, "max_chars": 2_000_000_000,
@@ -112,6 +112,26 @@ def same_tokenizer(nanochat_base, ours):
     return enc._mergeable_ranks == mine._mergeable_ranks and enc._special_tokens == mine._special_tokens
 
 
+def report(results):
+    """Both sides' numbers, and the goal; a side not run yet is left out."""
+    sides = [side for side in ("nanochat", "ours") if side in results]
+    print(f"recipe {results['recipe']} ({recipe.DESCRIPTIONS[results['recipe']]}); "
+          f"same tokenizer: {results.get('same_tokenizer', 'not compared')}")
+    print(f"{'':18}" + "".join(f"{side:>12}" for side in sides))
+    for step in sorted(results[sides[0]]["val_bpb"], key=int):
+        print(f"val bpb step {step:<5}" + "".join(f"{results[side]['val_bpb'][step]:12.6f}" for side in sides))
+    print(f"{'step-0 loss':18}" + "".join(f"{results[side]['step0_loss']:12.6f}" for side in sides))
+    print(f"{'tok/s (15-150)':18}" + "".join(f"{results[side]['tok_per_sec']:12,.0f}" for side in sides))
+    print(f"{'peak RSS GiB':18}" + "".join(f"{results[side]['peak_rss_bytes'] / 2**30:12.2f}" for side in sides))
+    if len(sides) == 2:
+        nano, ours, last = results["nanochat"], results["ours"], str(RUN["num_iterations"])
+        gap = abs(ours["val_bpb"][last] / nano["val_bpb"][last] - 1)
+        print(f"step-0 loss difference {ours['step0_loss'] - nano['step0_loss']:+.2e}; tok/s ours/nanochat "
+              f"{ours['tok_per_sec'] / nano['tok_per_sec']:.3f}")
+        print(f"goal: val bpb at step {last} within {GOAL:.1%} of nanochat's: {gap:.3%} -> "
+              f"{'MET' if gap <= GOAL else 'NOT MET'}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nanochat", type=Path, required=True, help="a nanochat checkout at the recipe's commit")
@@ -134,25 +154,13 @@ def main():
         results["nanochat"] = nanochat_side(args, out, data)
     if args.only != "nanochat":
         results["ours"] = our_side(args, out, data)
-        results["same_tokenizer"] = same_tokenizer(out / "nanochat_base", Path(results["ours"].pop("tokenizer")))
+        tokenizer_dir = Path(results["ours"].pop("tokenizer"))
+        if (out / "nanochat_base" / "tokenizer").is_dir():
+            results["same_tokenizer"] = same_tokenizer(out / "nanochat_base", tokenizer_dir)
     results.update(recipe=args.recipe, run=RUN, threads=args.threads, compile=args.compile,
                    measured_at=store.now_iso())
     store.write_json(results_path, results)
-    nano, ours = results["nanochat"], results["ours"]
-    print(f"recipe {args.recipe} ({recipe.DESCRIPTIONS[args.recipe]}); same tokenizer: {results['same_tokenizer']}")
-    print(f"{'':18}{'nanochat':>12}{'ours':>12}{'ours/nanochat':>15}")
-    for step in sorted(nano["val_bpb"], key=int):
-        a, b = nano["val_bpb"][step], ours["val_bpb"][step]
-        print(f"val bpb step {step:<5}{a:12.6f}{b:12.6f}{b / a:15.5f}")
-    print(f"{'step-0 loss':18}{nano['step0_loss']:12.6f}{ours['step0_loss']:12.6f}"
-          f"{ours['step0_loss'] - nano['step0_loss']:+15.2e}")
-    print(f"{'tok/s (15-150)':18}{nano['tok_per_sec']:12,.0f}{ours['tok_per_sec']:12,.0f}"
-          f"{ours['tok_per_sec'] / nano['tok_per_sec']:15.3f}")
-    print(f"{'peak RSS GiB':18}{nano['peak_rss_bytes'] / 2**30:12.2f}{ours['peak_rss_bytes'] / 2**30:12.2f}")
-    last = str(RUN["num_iterations"])
-    gap = abs(ours["val_bpb"][last] / nano["val_bpb"][last] - 1)
-    print(f"goal: val bpb at step {last} within {GOAL:.1%} of nanochat's: {gap:.3%} -> "
-          f"{'MET' if gap <= GOAL else 'NOT MET'}")
+    report(results)
     shutil.rmtree(out / "work", ignore_errors=True)
 
 

@@ -192,32 +192,27 @@ def commit_of(name):
     return found[0]
 
 
-def _history(commit):
+def _fold(commit):
+    """{knob: (value, the commit that last set it)}: HISTORY up to `commit`, dropped flags left out."""
     commit = commit_of(commit)
-    return HISTORY[:COMMITS.index(commit) + 1]
-
-
-def sources(commit):
-    """{knob: the commit that last set it} for the recipe of `commit` (dropped flags left out)."""
     out = {}
-    for c, _, changes in _history(commit):
+    for c, _, changes in HISTORY[:COMMITS.index(commit) + 1]:
         for name, value in changes.items():
             if value is DROPPED:
                 out.pop(name, None)
             else:
-                out[name] = c
+                out[name] = (value, c)
     return out
+
+
+def sources(commit):
+    """{knob: the commit that last set it} for the recipe of `commit`."""
+    return {name: c for name, (_, c) in _fold(commit).items()}
 
 
 def knobs(commit, overrides=None):
     """Every knob of the recipe of `commit`, with a row's `knobs:` overrides applied (checked)."""
-    values = {}
-    for _, _, changes in _history(commit):
-        for name, value in changes.items():
-            if value is DROPPED:
-                values.pop(name, None)
-            else:
-                values[name] = copy.deepcopy(value)
+    values = {name: copy.deepcopy(value) for name, (value, _) in _fold(commit).items()}
     for name, value in (overrides or {}).items():
         if problem := override_problem(commit, name, value):
             raise RecipeError(problem)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import WEBTEXT
-from pipeline import tokenizer
+from pipeline import evaluate, tokenizer
 from pipeline.store import StageError
 
 
@@ -51,6 +51,18 @@ def test_token_bytes_count_utf8_bytes_and_zero_for_specials(enc, smoke_data, val
     assert (tb[-9:] == 0).all() and (tb[:-9] >= 1).all()
     text = val_texts[3]
     assert tb[enc.encode_ordinary(text)].sum() == len(text.encode("utf-8"))
+
+
+def test_recipes_before_master_count_bytes_after_a_decode_round_trip(enc, smoke_data):
+    """Until nanochat 2ce972a, bytes per token came from decoding each token alone: a token that is not
+    valid UTF-8 by itself (every byte >= 0x80 among the 256 base tokens, at least) counted as U+FFFD's 3."""
+    raw = evaluate.token_bytes(enc, smoke_data["tokenizer"], "raw").numpy()
+    decoded = evaluate.token_bytes(enc, smoke_data["tokenizer"], "decoded").numpy()
+    assert np.array_equal(raw, np.load(smoke_data["tokenizer"] / "token_bytes.npy"))
+    differ = np.flatnonzero(raw != decoded)
+    assert len(differ) >= 128 and (decoded[-9:] == 0).all()
+    for i in differ[:50]:
+        assert decoded[i] == len(enc.decode([int(i)]).encode("utf-8")) != len(enc.decode_single_token_bytes(int(i)))
 
 
 def test_compression_report_is_measured_on_the_validation_shard(smoke_data, enc, val_texts):
