@@ -92,15 +92,20 @@ def our_side(args, out, data):
     common = ["--row", "fidelity", "--config", str(config_path)]
     for stage in ("download", "tokenizer", "pretokenize"):
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *common], env=env, check=True, capture_output=True)
-    wall, rss = run_measured([sys.executable, "-m", "pipeline.train", *common], env, out / "ours.log")
-    p = plan.make_plan(plan.load_config(config_path))
+    p = plan.make_plan(plan.load_config(config_path))  # the key now: the sources may change while it trains
     train_dir = Path(cfg["store_dir"]) / "train" / p.rows["fidelity"]["train"][0]
+    wall, rss = run_measured([sys.executable, "-m", "pipeline.train", *common], env, out / "ours.log")
+    return {**train_results(train_dir), "peak_rss_bytes": rss, "wall_s": wall,
+            "tokenizer": str(Path(cfg["store_dir"]) / "tokenizer" / p.rows["fidelity"]["tokenizer"][0])}
+
+
+def train_results(train_dir):
+    """val bpb by step, step-0 loss and median tok/s past step 15, from a train store directory."""
     records = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss" in r]
     return {"val_bpb": {str(r["step"]): r["val_bpb"] for r in records if "val_bpb" in r},
-            "step0_loss": losses[0]["loss"], "peak_rss_bytes": rss, "wall_s": wall,
-            "tok_per_sec": statistics.median(r["tok_per_sec"] for r in losses if r["step"] > 15),
-            "tokenizer": str(Path(cfg["store_dir"]) / "tokenizer" / p.rows["fidelity"]["tokenizer"][0])}
+            "step0_loss": losses[0]["loss"],
+            "tok_per_sec": statistics.median(r["tok_per_sec"] for r in losses if r["step"] > 15)}
 
 
 def same_tokenizer(nanochat_base, ours):

@@ -54,15 +54,16 @@ def param_counts(depth, vocab_size, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM
 
 def flops_per_token(depth, vocab_size, sequence_len, window_pattern, knobs, aspect_ratio=ASPECT_RATIO,
                     head_dim=HEAD_DIM):
-    """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups, the scalars and the
-    smear gate are left out as nanochat leaves them out) plus attention's 12 x heads x head_dim x the
+    """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups and the scalars are
+    left out; the smear gate too until nanochat master) plus attention's 12 x heads x head_dim x the
     positions each layer attends to."""
     counts = param_counts(depth, vocab_size, aspect_ratio, head_dim, knobs["ve_gate_channels"])
     heads, hd = num_heads(depth, aspect_ratio, head_dim), model_dim(depth, aspect_ratio, head_dim) // num_heads(
         depth, aspect_ratio, head_dim)
     attn = sum(12 * heads * hd * min(w, sequence_len) for w in window_sizes(sequence_len, depth, window_pattern,
                                                                              knobs))
-    return 6 * counts["scaling"] + attn
+    smear_gate = SMEAR_CHANNELS if knobs["smear"] and knobs["smear_gate_flops"] else 0
+    return 6 * (counts["scaling"] + smear_gate) + attn
 
 
 def window_sizes(sequence_len, n_layer, pattern, knobs):
@@ -89,7 +90,8 @@ def model_config(flags, knobs, vocab_size):
 
 MODEL_KNOBS = ("softcap", "rope_base", "rotary_bf16", "short_window_divisor", "short_window_tile", "qk_scale",
                "ve_gate_channels", "ve_gate_scale", "ve_gate_init", "wte_init_std", "c_fc_init_scale",
-               "resid_lambda_init", "x0_lambda_init", "smear", "backout", "smear_gate_init", "backout_lambda_init")
+               "resid_lambda_init", "x0_lambda_init", "smear", "backout", "smear_gate_init", "backout_lambda_init",
+               "smear_gate_flops")
 
 
 def _scaling_params(depth, vocab_size, flags, knobs):

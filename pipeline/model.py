@@ -97,6 +97,7 @@ class GPTConfig:
     backout: bool = False
     smear_gate_init: float = 0.0
     backout_lambda_init: float = 0.0
+    smear_gate_flops: bool = False
 
     @classmethod
     def from_depth(cls, depth, vocab_size, sequence_len=2048, window_pattern="SSSL", aspect_ratio=dims.ASPECT_RATIO,
@@ -377,11 +378,13 @@ class GPT(nn.Module):
         return counts
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups and the scalars and
-        smear gate are left out, as nanochat leaves them) plus attention's 12 * heads * head_dim * the
+        """Training FLOPs per token: 6 per weight that multiplies (embeddings are lookups and the scalars are
+        left out, the smear gate too until nanochat master) plus attention's 12 * heads * head_dim * the
         positions each layer attends to (pipeline.dims.flops_per_token, which a test holds to this)."""
         counts = self.num_scaling_params()
         matmul_params = counts["total"] - counts["wte"] - counts["value_embeds"] - counts["scalars"]
+        if self.config.smear and self.config.smear_gate_flops:
+            matmul_params += self.smear_gate.weight.numel()
         head_dim = self.config.n_embd // self.config.n_head
         attn = sum(12 * self.config.n_head * head_dim * min(w, self.config.sequence_len) for w in self.windows)
         return 6 * matmul_params + attn

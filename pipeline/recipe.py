@@ -50,6 +50,7 @@ HISTORY = (
         "backout": False,                   # subtract the mid-depth residual before the final norm
         "smear_gate_init": 0.0,             # smear gate weights uniform(0, x); 0: zeros, no draw
         "backout_lambda_init": 0.0,
+        "smear_gate_flops": False,          # FLOPs/token count the smear gate's weights (master counts every Linear)
         "fp8_min_dim": 0,                   # fp8 only for Linear layers with both dims >= this
         # the optimizer (optim.py, setup_optimizer)
         "lm_head_betas": None,              # None: (adam_beta1, adam_beta2)
@@ -138,6 +139,7 @@ HISTORY = (
         "target_param_data_ratio": 12,      # 1cd94d7
         "smear_gate_init": 0.02,            # 9822cc7
         "backout_lambda_init": 0.2,         # 94b73ad: the value a825e63's __init__ meant
+        "smear_gate_flops": True,           # 92d63d4: estimate_flops counts every Linear
         "muon_bf16": "compute",             # c0dbf1f
         "muon_eq": True, "muon_plus": True,  # 4e014d3
         "adamw_fp32_math": True,            # e02b339

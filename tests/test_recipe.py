@@ -43,6 +43,7 @@ KNOBS = {
     "backout":                (False,     False,     False,     False,     False,     True,      True),
     "smear_gate_init":        (0,         0,         0,         0,         0,         0,         0.02),
     "backout_lambda_init":    (0,         0,         0,         0,         0,         0,         0.2),
+    "smear_gate_flops":       (False,) * 6 + (True,),
     "fp8_min_dim":            (0,         16,        16,        128,       128,       128,       128),
     "lm_head_betas":          (None,      None,      None,      None,      [0.8, 0.96], [0.8, 0.96], [0.8, 0.96]),
     "lm_head_weight_decay":   (0,         0,         0,         0,         0.01,      0.01,      0.01),
