@@ -131,7 +131,9 @@ def test_dry_run_of_a_leaderboard_row_plans_the_whole_chain(tmp_path):
     train = next(line for line in out.stdout.splitlines() if "-m pipeline.train" in line)
     assert "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m pipeline.train -- --run=d26-feb2-fp8" in \
         unlocked(train[train.index("OMP_NUM_THREADS"):])
-    assert "--depth=26 --device-batch-size=16 --total-batch-size=524288" in train and " --fp8 " in train
+    # the published launch line, flag for flag: its batch is the recipe's default, so no --total-batch-size
+    assert "--depth=26 --device-batch-size=16 " in train and " --fp8 " in train and " --recipe=a67eba3 " in train
+    assert "--total-batch-size" not in train
 
 
 def test_snakemake_report_carries_the_leaderboard(smoke_run):
