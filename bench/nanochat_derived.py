@@ -72,8 +72,8 @@ def nanochat_derives(args, row):
 
 def ours_vs(theirs, ours):
     """[(value, nanochat's, ours, equal)] for every value both derive."""
-    lrs = {GROUPS[next(k for k in GROUPS if g["names"][0].startswith(k))]: g for g in theirs["groups"]
-           if g["kind"] == "adamw"}
+    lrs = {next(GROUPS[k] for k in GROUPS if any(n.startswith(k) for n in g["names"])): g for g in theirs["groups"]
+           if g["kind"] == "adamw"}  # named by any of its parameters (their order is the model's, not the group's)
     muon = [g for g in theirs["groups"] if g["kind"] == "muon"]
     pairs = [(name, theirs[name], ours[name]) for name in ("num_iterations", "total_batch_size", "weight_decay",
                                                            "eval_tokens", "flops_per_token")]

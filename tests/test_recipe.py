@@ -135,6 +135,10 @@ PUBLISHED = {  # row: (steps, total batch, Muon weight decay, eval tokens, {grou
             {"lm_head": 0.008, "wte": 0.3, "value_embeds": 0.15, "resid_lambdas": 0.005, "x0_lambdas": 0.5,
              "smear": 0.2, "matrix": 0.02}),
 }
+# nanochat's num_flops_per_token at each row's commit (the same run): what total_training_flops multiplies
+FLOPS_PER_TOKEN = {"d24_jan29": 4945112064, "d26_fp8": 6185320128, "d26_fp8_1M": 6185320128,
+                   "d24_climbmix": 4945112064, "d24_mar09": 4860160128, "d24_mar14": 4775225472,
+                   "d24_master": 4775225616, "d12": 759696048}
 
 
 @pytest.mark.parametrize("row", sorted(PUBLISHED))
@@ -144,6 +148,7 @@ def test_every_published_row_derives_what_its_commit_derives(repo_config, row):
     assert (got["num_iterations"], got["total_batch_size"], got["weight_decay"], got["eval_tokens"]) == (
         steps, batch, weight_decay, eval_tokens)  # exactly: the same floats, in nanochat's order of operations
     assert {**{name: group[0] for name, group in got["adamw"].items()}, "matrix": got["matrix_lr"]} == lrs
+    assert got["flops_per_token"] == FLOPS_PER_TOKEN[row]
 
 
 def test_the_published_rows_name_their_commits(repo_config):
