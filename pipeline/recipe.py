@@ -112,8 +112,6 @@ HISTORY = (
         "ve_gate_init": 0.02,
         "wte_init_std": 0.8,
         "c_fc_init_scale": 0.5,
-        "resid_lambda_init": [1.15, 0.10],
-        "x0_lambda_init": [0.20, 0.15],
         "lm_head_betas": [0.8, 0.96], "lm_head_weight_decay": 0.01,
         "wte_betas": [0.8, 0.995], "wte_weight_decay": 0.001,
         "ve_lr_scale": 0.5, "ve_betas": [0.8, 0.995], "ve_weight_decay": 0.01,
@@ -128,6 +126,8 @@ HISTORY = (
         "short_window_divisor": 4,
         "qk_scale": 1.2,
         "c_fc_init_scale": 0.4,
+        "resid_lambda_init": [1.15, 0.10],  # from 1.0 and 0.1 in every layer
+        "x0_lambda_init": [0.20, 0.15],
         # init_weights leaves the smear gate and the smear/backout scalars as to_empty made them: garbage on
         # a CPU (nanochat's own CPU run at this commit never trains), zeros in fresh GPU memory, which is
         # what run 6 trained from; master initialises them (94b73ad, 9822cc7)
