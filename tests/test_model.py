@@ -141,6 +141,16 @@ def test_architecture_details():
         assert GPT(GPTConfig.from_depth(2, 4093)).lm_head.weight.shape[0] == 4096  # padded to 64
 
 
+@pytest.mark.parametrize("recipe, resid, x0", [
+    ("6ed7d1d", [1.0] * 4, [0.1] * 4),  # one value in every layer until a825e63
+    ("a825e63", [1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05], [0.2, 0.2 - 0.05, 0.2 - 0.1, 0.05]),
+])
+def test_the_residual_scalars_start_as_each_commit_starts_them(recipe, resid, x0):
+    model = GPT(GPTConfig.from_depth(4, 256, 32, recipe=recipe))
+    model.init_weights()
+    assert model.resid_lambdas.tolist() == pytest.approx(resid) and model.x0_lambdas.tolist() == pytest.approx(x0)
+
+
 def tiny(vocab=256, seq=32, pattern="SSSL", depth=4):
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=2, n_embd=64,
