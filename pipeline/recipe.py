@@ -129,8 +129,8 @@ HISTORY = (
         "resid_lambda_init": [1.15, 0.10],  # from 1.0 and 0.1 in every layer
         "x0_lambda_init": [0.20, 0.15],
         # init_weights leaves the smear gate and the smear/backout scalars as to_empty made them: garbage on
-        # a CPU (nanochat's own CPU run at this commit never trains), zeros in fresh GPU memory, which is
-        # what run 6 trained from; master initialises them (94b73ad, 9822cc7)
+        # a CPU (nanochat's own CPU run at this commit never trains), most likely zeros in the fresh GPU
+        # memory run 6 trained from (presumed; docs/fidelity.md); master initialises them (94b73ad, 9822cc7)
         "smear": True,
         "backout": True,
         "momentum_final": 0.90,
