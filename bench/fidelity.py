@@ -29,7 +29,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's pipeline
-from pipeline import plan, recipe, store  # noqa: E402
+from pipeline import launch, plan, recipe, store  # noqa: E402
 
 RUN = {"depth": 4, "max_seq_len": 512, "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 150,
        "window_pattern": "L", "head_dim": 64, "eval_every": 50, "eval_tokens": 131072, "sample_every": -1,
@@ -65,7 +65,7 @@ def nanochat_side(args, out, data):
     py = [args.nanochat_python]
     if not (base / "tokenizer" / "tokenizer.pkl").exists():
         subprocess.run([*py, "-m", "scripts.tok_train"], cwd=args.nanochat, env=env, check=True, capture_output=True)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()]
+    flags = launch.flag_args(RUN)
     wall, rss = run_measured([*py, "-m", "scripts.base_train", "--device-type=cpu", "--run=dummy", *flags],
                              {**env, "PYTHONPATH": str(args.nanochat)}, out / "nanochat.log")
     text = (out / "nanochat.log").read_text()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipeline import plan, recipe  # noqa: E402
+from pipeline import launch, plan, recipe  # noqa: E402
 
 # base_train flags of a row that nanochat takes as they are (the rest are the pipeline's own)
 NANOCHAT_FLAGS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "num_iterations",
@@ -55,8 +55,7 @@ GROUPS = {"lm_head.weight": "lm_head", "transformer.wte.weight": "wte", "value_e
 
 
 def nanochat_derives(args, row):
-    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}"
-             for k, v in row["train"].items() if k in NANOCHAT_FLAGS and v is not False]
+    flags = launch.flag_args({k: v for k, v in row["train"].items() if k in NANOCHAT_FLAGS})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "derived.json"
         env = {**os.environ, "NANOCHAT_BASE_DIR": str(args.base_dir.resolve()), "WANDB_MODE": "disabled",

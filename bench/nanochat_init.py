@@ -7,7 +7,7 @@ nanochat's model module is imported from the checkout (it needs only torch). Eve
 dicts must be equal (`torch.equal`, none missing on either side), and so must the loss and every
 parameter's gradient on one random batch: the strongest check that a recipe builds nanochat's model.
 At a825e63, whose init_weights leaves the smear gate and the smear/backout scalars as to_empty left them,
-both sides start those at zero (what fresh GPU memory gave run 6; docs/fidelity.md section 5).
+both sides start those at zero (most likely what fresh GPU memory gave run 6; docs/fidelity.md section 5).
 """
 
 import argparse
@@ -19,11 +19,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from pipeline import recipe, train  # noqa: E402
-from pipeline.model import GPT, GPTConfig  # noqa: E402
+from fidelity import RUN  # noqa: E402  (the d4 run that bench/fidelity.py trains)
 
-SIZE = ["--depth=4", "--max-seq-len=512", "--head-dim=64", "--window-pattern=L", "--device-batch-size=8",
-        "--total-batch-size=4096", "--num-iterations=150"]  # bench/fidelity.py's run
+from pipeline import launch, recipe, train  # noqa: E402
+from pipeline.model import GPT, GPTConfig  # noqa: E402
 
 
 def built(make, seed=42):
@@ -36,12 +35,14 @@ def built(make, seed=42):
     return model
 
 
-def theirs(checkout, commit):
+def theirs(checkout, commit, ours):
+    """nanochat's GPT at `commit` in the shape of our config `ours` (one kv head per head, as ours)."""
     sys.path.insert(0, str(checkout))
     gpt = importlib.import_module("nanochat.gpt")
-    fields = dict(sequence_len=512, vocab_size=32768, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+    fields = {k: ours[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_embd")}
+    fields["n_kv_head"] = ours["n_head"]
     if "window_pattern" in gpt.GPTConfig.__dataclass_fields__:
-        fields["window_pattern"] = "L"
+        fields["window_pattern"] = ours["window_pattern"]
     model = built(lambda: gpt.GPT(gpt.GPTConfig(**fields)))
     if commit == "a825e63":
         with torch.no_grad():
@@ -56,8 +57,8 @@ def main():
     ap.add_argument("--recipe", required=True, choices=recipe.COMMITS)
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same reduction order on both sides
-    hp = train.resolve(train.parse_args([*SIZE, f"--recipe={args.recipe}"]), 32768, 1)
-    ours, nano = built(lambda: GPT(GPTConfig(**hp["model"]))), theirs(args.nanochat, args.recipe)
+    hp = train.resolve(train.parse_args([*launch.flag_args(RUN), f"--recipe={args.recipe}"]), 32768, 1)
+    ours, nano = built(lambda: GPT(GPTConfig(**hp["model"]))), theirs(args.nanochat, args.recipe, hp["model"])
     a, b = ours.state_dict(), nano.state_dict()
     unequal = sorted(k for k in a.keys() & b.keys() if not torch.equal(a[k], b[k]))
     missing = sorted(a.keys() ^ b.keys())
