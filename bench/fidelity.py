@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's pipeline
 from pipeline import launch, plan, recipe, store  # noqa: E402
 
-RUN = {"depth": 4, "max_seq_len": 512, "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 150,
-       "window_pattern": "L", "head_dim": 64, "eval_every": 50, "eval_tokens": 131072, "sample_every": -1,
-       "save_every": -1, "core_metric_every": -1}
+RUN = {"device_type": "cpu", "depth": 4, "max_seq_len": 512, "device_batch_size": 8, "total_batch_size": 4096,
+       "num_iterations": 150, "window_pattern": "L", "head_dim": 64, "eval_every": 50, "eval_tokens": 131072,
+       "sample_every": -1, "save_every": -1, "core_metric_every": -1}
 GOAL = 0.005  # relative val bpb difference at the last step
 
 
@@ -52,8 +52,9 @@ def run_measured(cmd, env, log):
     return time.time() - t0, rss
 
 
-def nanochat_side(args, out, data):
-    """nanochat's tok_train and base_train at its commit, in a base dir of its own; parsed from its log."""
+def nanochat_side(args, out, data, run=RUN):
+    """nanochat's tok_train and base_train at its commit with the flags `run`, in a base dir of its own;
+    parsed from its log."""
     base = out / "nanochat_base"
     for sub in ("base_data", "base_data_climbmix"):  # FineWeb-era and ClimbMix-era commits read one of these
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,8 @@ def nanochat_side(args, out, data):
     py = [args.nanochat_python]
     if not (base / "tokenizer" / "tokenizer.pkl").exists():
         subprocess.run([*py, "-m", "scripts.tok_train"], cwd=args.nanochat, env=env, check=True, capture_output=True)
-    flags = launch.flag_args(RUN)
-    wall, rss = run_measured([*py, "-m", "scripts.base_train", "--device-type=cpu", "--run=dummy", *flags],
+    flags = launch.flag_args(run)
+    wall, rss = run_measured([*py, "-m", "scripts.base_train", "--run=dummy", *flags],
                              {**env, "PYTHONPATH": str(args.nanochat)}, out / "nanochat.log")
     text = (out / "nanochat.log").read_text()
     bpb = {str(int(s)): float(v) for s, v in re.findall(r"Step (\d+) \| Validation bpb: ([\d.]+)", text)}
@@ -76,8 +77,9 @@ def nanochat_side(args, out, data):
             "peak_rss_bytes": rss, "wall_s": wall}
 
 
-def our_side(args, out, data):
-    """Our tokenizer, token shards and train stages for a row of this recipe on the same shards."""
+def our_side(args, out, data, run=RUN):
+    """Our tokenizer, token shards and train stages for a row of this recipe with the flags `run` on the same
+    shards; the train stage always runs (a sealed result of an earlier run is removed first)."""
     cfg = {"store_dir": str(out.parent / "store"), "work_dir": str(out / "work"),  # shards shared by all recipes
            "datasets": {"fidelity": {"hf_repo": None, "base_url": str(data[0].parent), "val_shard": len(data) - 1,
                                      "block_size": len(data) - 1}},
@@ -85,7 +87,7 @@ def our_side(args, out, data):
                                            "doc_cap": 10_000, "train_shards": len(data) - 1}},
            "rows": {"fidelity": {"recipe": args.recipe, "dataset": "fidelity", "tokenizer": "fidelity_32k",
                                  "train_shards": len(data) - 1, "launch": {"nproc_per_node": 1},
-                                 "train": {**RUN, "run": "dummy", "device_type": "cpu", "compile": args.compile}}}}
+                                 "train": {**run, "run": "dummy", "compile": args.compile}}}}
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
@@ -94,8 +96,11 @@ def our_side(args, out, data):
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *common], env=env, check=True, capture_output=True)
     p = plan.make_plan(plan.load_config(config_path))  # the key now: the sources may change while it trains
     train_dir = Path(cfg["store_dir"]) / "train" / p.rows["fidelity"]["train"][0]
+    shutil.rmtree(train_dir, ignore_errors=True)  # measured now, not read back from an earlier run
     wall, rss = run_measured([sys.executable, "-m", "pipeline.train", *common], env, out / "ours.log")
+    summary = json.loads((train_dir / "train_summary.json").read_text())
     return {**train_results(train_dir), "peak_rss_bytes": rss, "wall_s": wall,
+            "peak_memory_bytes": summary["peak_memory_bytes"], "compile_reason": summary.get("compile_reason"),
             "tokenizer": str(Path(cfg["store_dir"]) / "tokenizer" / p.rows["fidelity"]["tokenizer"][0])}
 
 

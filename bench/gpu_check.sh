@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What only a GPU can show, as one short script for a lent device (one H100/H200, ~10 minutes):
-# the CUDA path trains (bf16 autocast, torch.compile, fp8, NCCL under torchrun), and tok/s + MFU for
-# d12 and d26, bf16 and fp8, CORE examples/s, and d26 with masked short windows (what FlashAttention's
-# window buys).
+# nanochat's own base_train beside our train stage at d26 and d12, bf16 and fp8 (same flags, same data,
+# one after the other: "do we beat 78.8K / 92.5K tok/s per H100" with both numbers from this machine),
+# the CUDA path trains (bf16 autocast, torch.compile, fp8, NCCL under torchrun), tok/s + MFU of the bare
+# step, CORE examples/s, and d26 with masked short windows (what FlashAttention's window buys).
 # Output goes to $OUT (or bench/gpu_out); copy the figures to bench/README.md.
-# On the lent device: run bench/gpu_wheels.sh here first, and carry `.whl`.
+# On the lent device: run bench/gpu_wheels.sh here first, and carry `.whl` and `.nanochat`.
 set -uo pipefail
 export WANDB_MODE=disabled  # no wandb import: the GPU image has none
 cd "$(dirname "$0")/.."
@@ -45,14 +46,30 @@ throughput() {  # throughput DEPTH DEVICE_BATCH [FLAG]: bench/train_throughput.p
     run_for 150 "$log" $py bench/train_throughput.py --depth "$1" --device-batch-size "$2" ${3:-} --steps 10
     echo "d$1 $tag: $(grep -E 'attention:|FlashAttention-3|tok/s|MFU|nanochat|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
 }
+# nanochat imports wandb at its top (unused with --run=dummy); a stub where the image has none
+stubs=/tmp/nanochat-stubs
+mkdir -p $stubs
+$py -c "import wandb" 2> /dev/null || : > $stubs/wandb.py
+side_by_side() {  # side_by_side DEPTH DEVICE_BATCH [--fp8]: bench/train_throughput.py --nanochat, 4 passes a step
+    local tag=${3:-bf16}; tag=${tag#--}
+    local log="$out/side_by_side_d$1_$tag.txt"
+    [ -f .nanochat/COMMIT ] || { echo "no .nanochat (bench/gpu_wheels.sh makes it)" > "$log"; return; }
+    PYTHONPATH=$stubs${PYTHONPATH:+:$PYTHONPATH} run_for 300 "$log" $py bench/train_throughput.py \
+        --nanochat .nanochat --recipe "$(cat .nanochat/COMMIT)" --data tests/fixtures/webtext --depth "$1" \
+        --device-batch-size "$2" --max-seq-len 2048 --total-batch-size $((4 * $2 * 2048)) --window-pattern SSSL \
+        --run-steps 30 --out "$out/side_by_side" ${3:-}
+    echo "side by side d$1 $tag: $(grep -E 'tok/s|ratio|goal|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
+}
+side_by_side 26 16
+side_by_side 26 16 --fp8
 throughput 26 16 --fp8
-throughput 26 16
 # the train stage on CUDA under torchrun (NCCL), compile, fp8, resuming; FlashAttention's window
 run_for 240 "$out/test_gpu.txt" $py -m pytest -q tests/test_gpu.py
 tail -3 "$out/test_gpu.txt"
 # CORE examples/s, batched against one item per forward pass (issue 4), on a d26-sized model
 run_for 90 "$out/core_throughput.txt" $py bench/core_throughput.py --depth 26 --seq-len 2048 --items 40
 grep -E 'examples|speed-up|budget spent|timed out|Error' "$out/core_throughput.txt"
-throughput 12 32 --fp8
-throughput 12 32
+side_by_side 12 32
+side_by_side 12 32 --fp8
+throughput 26 16
 throughput 26 16 --masked-windows  # what FlashAttention's window buys over the mask

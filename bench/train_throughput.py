@@ -9,18 +9,31 @@ optimizer step per pass would charge Muon's orthogonalisation 4x as often as a r
 
     .venv/bin/python bench/train_throughput.py --depth 26 --device-batch-size 16 [--fp8]
     .venv/bin/python bench/train_throughput.py --depth 2 --max-seq-len 256 --device-batch-size 8   # CPU
+
+Side by side (--nanochat DIR, a nanochat checkout at any commit, never vendored): nanochat's own base_train
+and our train stage (the checkout's recipe, --recipe), one after the other on the same data, device and
+flags, each a whole run of --run-steps steps from its own launcher: both tok/s (median of steps 15 on, as
+each logs them), both peak memories (the run's max RSS on a CPU, what each reports on CUDA) and the ratio.
+The flags default to bench/fidelity.py's CPU run (d4, seq 512, 8 x 512-token batches, window pattern L).
+
+    .venv/bin/python bench/train_throughput.py --nanochat /tmp/nanochat-92d63d4 --depth 4 \
+        --nanochat-python /path/to/nanochat-venv/bin/python       # goal: >= 1.05x, memory <= nanochat's
 """
 
 import argparse
+import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # measure this checkout
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # measure this checkout
+from pipeline import launch, recipe, train  # noqa: E402
 from pipeline import model as model_module  # noqa: E402
-from pipeline import recipe, train  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
 
 NANOCHAT_D26_H100 = {False: 78.8e3, True: 92.5e3}  # tok/s per GPU, nanochat dev/LOG.md 2026-02-02
@@ -43,11 +56,66 @@ def matmul_flops(config, rows, device, dtype, repeat):
     return 2 * rows * config.n_embd * 4 * config.n_embd / timed(lambda: a @ b, device, repeat)
 
 
+SIDE_BY_SIDE_GOAL = 1.05  # ours/nanochat tok/s on this CPU at d4 and d6 (issue 14)
+
+
+def side_by_side(args):
+    """nanochat's base_train, then our train stage, with the same flags on the same shards; both tok/s,
+    both peak memories, the ratio. Results also in <out>/<name>/results.json."""
+    import fidelity  # the same two launchers that compare the curves (bench/fidelity.py)
+    run = {**fidelity.RUN, "device_type": "cuda" if torch.cuda.is_available() else "cpu", "depth": args.depth,
+           "num_iterations": args.run_steps, "eval_every": args.run_steps}  # one val bpb at the start and end
+    for key in ("max_seq_len", "device_batch_size", "total_batch_size", "window_pattern"):
+        if getattr(args, key) is not None:
+            run[key] = getattr(args, key)
+    if args.total_batch_size is None:  # one forward+backward per step unless told
+        run["total_batch_size"] = run["device_batch_size"] * run["max_seq_len"]
+    if args.fp8:
+        run["fp8"] = True
+    data = sorted(args.data.glob("shard_*.parquet"))
+    if len(data) < 2:
+        sys.exit(f"{args.data}: needs at least two shard_*.parquet files (the last one validates)")
+    name = f"d{args.depth}{'_fp8' if args.fp8 else ''}_{run['device_type']}"
+    out = args.out / args.recipe / name
+    out.mkdir(parents=True, exist_ok=True)
+    nano = fidelity.nanochat_side(args, out, data, run)
+    ours = fidelity.our_side(args, out, data, run)
+    ours.pop("tokenizer")
+    if run["device_type"] == "cuda":  # RSS is no measure of GPU memory: what each run reports
+        nano["peak_memory_bytes"] = float(re.findall(r"Peak memory usage: ([\d.]+)MiB",
+                                                     (out / "nanochat.log").read_text())[-1]) * 2**20
+    else:  # (ours from its train_summary.json, which holds torch.cuda.max_memory_allocated there)
+        nano["peak_memory_bytes"], ours["peak_memory_bytes"] = nano["peak_rss_bytes"], ours["peak_rss_bytes"]
+    ratio = ours["tok_per_sec"] / nano["tok_per_sec"]
+    memory = ours["peak_memory_bytes"] / nano["peak_memory_bytes"]
+    results = {"nanochat": nano, "ours": ours, "ratio": ratio, "memory_ratio": memory, "run": run,
+               "recipe": args.recipe, "threads": args.threads, "compile": args.compile,
+               "device": torch.cuda.get_device_name() if run["device_type"] == "cuda" else f"cpu x{args.threads}"}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"{name}, recipe {args.recipe}, {results['device']}, {args.run_steps} steps, flags: "
+          f"{' '.join(launch.flag_args(run))}")
+    for side, r in (("nanochat", nano), ("ours", ours)):
+        print(f"  {side:9} {r['tok_per_sec']:12,.0f} tok/s   peak memory {r['peak_memory_bytes'] / 2**30:6.2f} GiB   "
+              f"val bpb {r['val_bpb'][str(args.run_steps)]:.6f}   wall {r['wall_s']:.0f} s")
+    print(f"  ratio ours/nanochat: tok/s {ratio:.3f}, peak memory {memory:.3f}")
+    goal = ratio >= SIDE_BY_SIDE_GOAL and memory <= 1
+    print(f"goal: tok/s >= {SIDE_BY_SIDE_GOAL}x nanochat's with no more memory -> {'MET' if goal else 'NOT MET'}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nanochat", type=Path, help="side by side with this nanochat checkout's base_train")
+    ap.add_argument("--nanochat-python", default=sys.executable, help="a python with nanochat's dependencies")
+    ap.add_argument("--recipe", default=recipe.NEWEST, choices=recipe.COMMITS, help="the checkout's commit")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "webtext")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "throughput")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--run-steps", type=int, default=70, help="side by side: steps of each run")
+    ap.add_argument("--total-batch-size", type=int, help="side by side: tokens per step (default: one pass)")
+    ap.add_argument("--window-pattern", help="side by side (default L, as bench/fidelity.py)")
     ap.add_argument("--depth", type=int, default=12)
-    ap.add_argument("--device-batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--device-batch-size", type=int)
+    ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--compile", default="auto", choices=["auto", "yes", "no"])
@@ -64,6 +132,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps, after --warmup untimed ones")
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
+    if args.nanochat:
+        return side_by_side(args)
+    args.device_batch_size = args.device_batch_size or 16
+    args.max_seq_len = args.max_seq_len or 2048
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pipeline import dims
 from pipeline import recipe as recipes
+from pipeline.chunked_loss import softcapped_cross_entropy
 
 try:  # FlashAttention's own sliding window, in torch since 2.10: a windowed layer skips the keys it cannot see
     from torch.nn.attention.varlen import varlen_attn
@@ -263,6 +264,7 @@ class GPT(nn.Module):
         for w in sorted(set(self.windows) - {config.sequence_len}):
             self.register_buffer(f"mask_{w}", window_mask(config.sequence_len, w), persistent=False)
         self.flash_windows = flash_windows_supported()  # False: the masked SDPA path on CUDA too (bench)
+        self.chunked_loss = True  # on a CPU, the training loss a chunk of rows at a time (False: bench, tests)
 
     @torch.no_grad()
     def init_weights(self):
@@ -310,7 +312,14 @@ class GPT(nn.Module):
         return self
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
-        logits = self.head(self.trunk(idx))
+        h = self.trunk(idx)
+        if (targets is not None and self.chunked_loss and h.device.type == "cpu" and type(self.lm_head) is nn.Linear
+                and (loss_reduction == "mean" or (loss_reduction == "none" and not torch.is_grad_enabled()))):
+            # never the whole (rows x vocab) logits: on a CPU their passes cost as much as the matmuls (training),
+            # and they would be the peak of memory (evaluation). An fp8 lm_head keeps its own matmul.
+            return softcapped_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight[:self.config.vocab_size],
+                                            targets.reshape(-1), self.config.softcap, loss_reduction)
+        logits = self.head(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

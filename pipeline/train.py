@@ -11,6 +11,7 @@ Outputs: model.pt, model.json, metrics.jsonl, train_summary.json, sealed with a 
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, optim, plan, store, tokenizer
+from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, optim, plan, runtime, store, tokenizer
 from pipeline import recipe as recipes
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig, use_fa3
@@ -80,7 +81,8 @@ def build_parser():
     a("--fp8", action="store_true", help="train eligible Linear layers in float8 (torchao, tensorwise)")
     a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     a("--fp8-fallback", action="store_true", help="train in bf16 where the device has no fp8")
-    a("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile (auto: on CUDA)")
+    a("--compile", default="auto", choices=["auto", "yes", "no"],
+      help="torch.compile (auto: on CUDA, and on a CPU where the run is long enough to pay it back)")
     a("--seed", type=int, default=42)
     return ap
 
@@ -154,9 +156,11 @@ def make_optimizer(model, hp, compiled=False):
 # ----------------------------------------------------------------------------- device, fp8, eval
 
 def setup_device(device_type):
-    """(device, rank, local_rank, world_size); joins the process group when run under torchrun."""
+    """(device, rank, local_rank, world_size, what was done to the allocator); joins the process group when
+    run under torchrun."""
     keylock.die_with_launcher()
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    allocator = runtime.tune_allocators(device_type)
     if device_type == "cuda" and not torch.cuda.is_available():
         raise StageError("--device-type=cuda but no CUDA device is visible; use --device-type=cpu")
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
@@ -167,7 +171,7 @@ def setup_device(device_type):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                 device_id=device if device_type == "cuda" else None)
-    return device, rank, local_rank, world
+    return device, rank, local_rank, world, allocator
 
 
 def fp8_supported(device):
@@ -248,7 +252,7 @@ class Trainer:
         self.args, self.spec, self.out, self.work = args, spec, Path(out), Path(work)
         tok_dir, *self.train_dirs, self.val_dir = map(Path, inputs)
         self.enc = tokenizer.load(tok_dir)
-        self.device, self.rank, _, self.world = setup_device(args.device_type)
+        self.device, self.rank, _, self.world, self.allocator = setup_device(args.device_type)
         self.master = self.rank == 0
         self.hp = resolve(args, self.enc.n_vocab, self.world)
         self.knobs = self.hp["recipe"]["knobs"]
@@ -296,7 +300,10 @@ class Trainer:
             print("attention: " + (f"torch's kernels; FlashAttention-3 not used: {fa3_missing}" if fa3_missing
                                    else "FlashAttention-3"), file=sys.stderr)
         self.model = model
-        use_compile = args.compile == "yes" or (args.compile == "auto" and self.device.type == "cuda")
+        training_flops = hp["flops_per_token"] * hp["total_batch_size"] * hp["num_iterations"]
+        use_compile, self.compile_reason = runtime.compile_decision(args.compile, self.device.type, training_flops)
+        print(f"compile: {'yes' if use_compile else 'no'} ({self.compile_reason}); allocator: {self.allocator}",
+              file=sys.stderr)
         self.compiled = torch.compile(model, dynamic=False) if use_compile else model
         # the optimizer compiles with the model, as nanochat's does on every device: besides fusing, a compiled
         # update keeps bf16 intermediates in fp32 registers, so its floats are nanochat's (tests/test_recipe.py)
@@ -415,6 +422,10 @@ class Trainer:
             if last:
                 break
             loss, lrm, dt = self.train_step()
+            if self.step == first_step:
+                runtime.freeze_gc()  # setup's garbage is gone now; no more collector pauses in the steps
+            elif self.step % 5000 == 0:
+                gc.collect()  # as nanochat does, for very long runs
             if self.step - first_step > UNTIMED_STEPS:
                 self.loop["total_training_time"] += dt
                 self.loop["timed_steps"] += 1
@@ -431,6 +442,7 @@ class Trainer:
                 run.log({f"train/{k}": v for k, v in record.items() if v is not None}, step=self.step)
             print(f"step {self.step:05d}/{iterations:05d} | loss {loss:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms | "
                   f"tok/s {tok_per_sec:,.0f}" + (f" | mfu {mfu:.1f}%" if mfu else ""), file=sys.stderr)
+        runtime.thaw_gc()
         summary = self.summary(run)
         if run is not None:
             run.summary.update({k: summary[k] for k in ("total_training_time", "total_training_flops", "step")})
@@ -457,6 +469,7 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device), "world_size": self.world,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else self.device.type,
             "fp8_layers": self.fp8_layers, "compiled": self.compiled is not self.model,
+            "compile_reason": self.compile_reason, "allocator": self.allocator,
             "window_attention": self.model.window_kernel(self.device),
             "wandb_run_id": run.id if run is not None else None, "run": self.args.run, "model_tag": self.args.model_tag,
         }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_hp
-from pipeline import dims, train
+from pipeline import chunked_loss, dims, train
 from pipeline import model as model_module
 from pipeline import recipe as recipes
 from pipeline.model import GPT, GPTConfig, has_value_embedding, window_mask, window_sizes
@@ -188,6 +188,37 @@ def test_a_fresh_process_computes_the_same_bits():
     outs = {subprocess.run([sys.executable, "-c", FIRST_VECTOR_MATH], capture_output=True, text=True,
                            check=True, cwd=REPO).stdout for _ in range(8)}
     assert len(outs) == 1, outs
+
+
+def test_the_chunked_loss_is_the_plain_one(monkeypatch):
+    """The CPU training loss, a chunk of rows at a time with its gradients made on the way, gives the loss and
+    gradients of logits -> soft-cap -> F.cross_entropy: ignored (-1) targets and an uneven last chunk too."""
+    monkeypatch.setattr(chunked_loss.softcapped_cross_entropy, "__defaults__", ("mean", 48))  # 128 rows: 48, 48, 32
+    model = tiny(vocab=250, seq=32, depth=2)  # 250 -> padded to 256: the padding rows get no gradient
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randint(0, 250, (4, 32)), torch.randint(0, 250, (4, 32))
+    y[1, 5:] = -1
+
+    def loss_and_grads(chunked):
+        model.chunked_loss = chunked
+        model.zero_grad()
+        loss = model(x, y)
+        (3 * loss).backward()  # an upstream gradient that is not 1 (train divides by the accumulation steps)
+        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    (plain, plain_grads), (chunked, chunked_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert chunked == pytest.approx(plain, rel=1e-6)
+    for name, g in plain_grads.items():
+        assert (chunked_grads[name] - g).norm() <= 1e-5 * g.norm() + 1e-12, name
+    assert chunked_grads["lm_head.weight"][250:].abs().max() == 0
+    with torch.no_grad():  # evaluation's paths: the loss alone, and each token's (0 where ignored)
+        assert model(x, y).item() == pytest.approx(plain, rel=1e-6)
+        per_token = model(x, y, loss_reduction="none")
+        model.chunked_loss = False
+        assert torch.allclose(per_token, model(x, y, loss_reduction="none"), rtol=1e-6, atol=1e-6)
+    assert per_token.shape == (128,) and (per_token.view(4, 32)[1, 5:] == 0).all()
 
 
 @pytest.mark.slow

@@ -126,8 +126,11 @@ def test_compiled_fp8_training_runs_and_says_so(single, smoke, tmp_path):
     compiled = with_params(spec, fp8=True, compile="yes", num_iterations=10, eval_every=-1, save_every=-1)
     out, _ = train_subprocess(compiled, inputs, tmp_path)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["compiled"] and summary["fp8_layers"]["converted"]
-    assert json.loads((single[0] / "train_summary.json").read_text())["compiled"] is False
+    assert summary["compiled"] and summary["fp8_layers"]["converted"] and summary["compile_reason"] == "--compile=yes"
+    smoke_summary = json.loads((single[0] / "train_summary.json").read_text())
+    assert smoke_summary["compiled"] is False  # auto: 20 steps at d2 cannot pay a compile back
+    assert smoke_summary["compile_reason"].startswith("auto: CPU") and "eager" in smoke_summary["compile_reason"]
+    assert f"compile: no ({smoke_summary['compile_reason']})" in single[1]  # and the log says so
     losses = [r["loss"] for r in metrics(out)[0]]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.1
 
