@@ -98,6 +98,8 @@ def our_side(args, out, data, run=RUN):
     train_dir = Path(cfg["store_dir"]) / "train" / p.rows["fidelity"]["train"][0]
     shutil.rmtree(train_dir, ignore_errors=True)  # measured now, not read back from an earlier run
     wall, rss = run_measured([sys.executable, "-m", "pipeline.train", *common], env, out / "ours.log")
+    if not (train_dir / "train_summary.json").exists():
+        sys.exit(f"{train_dir}: not there after the run; a pipeline source edited while it ran gives another key")
     summary = json.loads((train_dir / "train_summary.json").read_text())
     return {**train_results(train_dir), "peak_rss_bytes": rss, "wall_s": wall,
             "peak_memory_bytes": summary["peak_memory_bytes"], "compile_reason": summary.get("compile_reason"),

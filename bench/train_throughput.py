@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # measure this checkout
-from pipeline import launch, recipe, train  # noqa: E402
+from pipeline import launch, recipe, runtime, train  # noqa: E402
 from pipeline import model as model_module  # noqa: E402
 from pipeline.model import GPT, GPTConfig  # noqa: E402
 
@@ -65,7 +65,7 @@ def side_by_side(args):
     import fidelity  # the same two launchers that compare the curves (bench/fidelity.py)
     run = {**fidelity.RUN, "device_type": "cuda" if torch.cuda.is_available() else "cpu", "depth": args.depth,
            "num_iterations": args.run_steps, "eval_every": args.run_steps}  # one val bpb at the start and end
-    for key in ("max_seq_len", "device_batch_size", "total_batch_size", "window_pattern"):
+    for key in ("max_seq_len", "device_batch_size", "total_batch_size", "window_pattern", "head_dim"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if args.total_batch_size is None:  # one forward+backward per step unless told
@@ -81,10 +81,11 @@ def side_by_side(args):
     nano = fidelity.nanochat_side(args, out, data, run)
     ours = fidelity.our_side(args, out, data, run)
     ours.pop("tokenizer")
-    if run["device_type"] == "cuda":  # RSS is no measure of GPU memory: what each run reports
+    if run["device_type"] == "cuda":  # RSS is no measure of GPU memory: what each run reports (ours: the
+        # max_memory_allocated in its train_summary.json)
         nano["peak_memory_bytes"] = float(re.findall(r"Peak memory usage: ([\d.]+)MiB",
                                                      (out / "nanochat.log").read_text())[-1]) * 2**20
-    else:  # (ours from its train_summary.json, which holds torch.cuda.max_memory_allocated there)
+    else:
         nano["peak_memory_bytes"], ours["peak_memory_bytes"] = nano["peak_rss_bytes"], ours["peak_rss_bytes"]
     ratio = ours["tok_per_sec"] / nano["tok_per_sec"]
     memory = ours["peak_memory_bytes"] / nano["peak_memory_bytes"]
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--run-steps", type=int, default=70, help="side by side: steps of each run")
     ap.add_argument("--total-batch-size", type=int, help="side by side: tokens per step (default: one pass)")
     ap.add_argument("--window-pattern", help="side by side (default L, as bench/fidelity.py)")
+    ap.add_argument("--head-dim", type=int, help="side by side (default 64, as bench/fidelity.py; 128 is nanochat's)")
     ap.add_argument("--depth", type=int, default=12)
     ap.add_argument("--device-batch-size", type=int)
     ap.add_argument("--max-seq-len", type=int)
@@ -138,6 +140,7 @@ def main():
     args.max_seq_len = args.max_seq_len or 2048
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    allocator = runtime.tune_allocators(device.type)  # as train's setup_device does
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
     config = GPTConfig.from_depth(args.depth, args.vocab_size, args.max_seq_len)
@@ -150,13 +153,15 @@ def main():
         min_dim = recipe.knobs(None)["fp8_min_dim"]  # the newest recipe, whose model this is
         converted, skipped = train.convert_fp8(model, "tensorwise", min_dim, emulate=device.type == "cpu")
         print(f"fp8: {len(converted)} Linear layers converted, skipped: {', '.join(skipped) or 'none'}")
-    use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    tokens = args.grad_accum * args.device_batch_size * args.max_seq_len
+    use_compile, why = runtime.compile_decision(args.compile, device.type,  # as train decides, for these steps
+                                                model.estimate_flops() * tokens * (args.warmup + args.steps))
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     flags = train.parse_args([f"--depth={args.depth}", f"--max-seq-len={args.max_seq_len}",
                               f"--device-batch-size={args.device_batch_size}",
                               f"--total-batch-size={args.grad_accum * args.device_batch_size * args.max_seq_len}"])
     optimizer = train.make_optimizer(model, train.resolve(flags, args.vocab_size, 1),
-                                     compiled=use_compile and device.type == "cuda")  # as train does
+                                     compiled=use_compile)  # as train does
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else torch.autocast("cpu", enabled=False))
@@ -180,15 +185,14 @@ def main():
     seconds = timed(step, device, args.steps)
     micro = timed(micro_step, device, args.steps)  # forward and backward alone: the ceiling
     model.zero_grad(set_to_none=True)
-    tokens = args.grad_accum * args.device_batch_size * args.max_seq_len
     flops = model.estimate_flops() * tokens / seconds
     rows = args.device_batch_size * args.max_seq_len
     reference = matmul_flops(config, rows, device, dtype, max(3, args.steps))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = train.peak_flops(device)
     print(f"device {name}, d{args.depth} (dim {config.n_embd}), {tokens} tokens/step, "
-          f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile}, "
-          f"attention: {model.window_kernel(device)} (torch {torch.__version__})")
+          f"{'fp8' if args.fp8 else str(dtype).removeprefix('torch.')}, compile={use_compile} ({why}), "
+          f"attention: {model.window_kernel(device)} (torch {torch.__version__}); allocator: {allocator}")
     print(f"train: {seconds * 1000:.1f} ms/step ({args.grad_accum} x forward+backward, then the optimizer), "
           f"{tokens / seconds:,.0f} tok/s, {flops / 1e12:.3f} TFLOP/s")
     optimizer_seconds = max(0.0, seconds - args.grad_accum * micro)

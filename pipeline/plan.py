@@ -34,9 +34,10 @@ STAGE_SOURCES = {
     "download": ("download.py",),
     "tokenizer": ("tokenizer.py",),
     "pretokenize": ("pretokenize.py",),
-    "train": ("train.py", "model.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py"),
+    "train": ("train.py", "model.py", "chunked_loss.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py",
+              "runtime.py"),
     "bundle": ("bundle.py",),
-    "core": ("core.py", "core_tasks.py", "evaluate.py"),
+    "core": ("core.py", "core_tasks.py", "evaluate.py", "model.py", "chunked_loss.py"),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
 # Flags that only name things; renaming a run must not retrain it.

@@ -3,8 +3,6 @@ garbage collector. Each choice says why; train logs it and train_summary.json ke
 Figures: bench/README.md ("Training throughput: side by side with nanochat").
 """
 
-import ctypes
-import ctypes.util
 import gc
 import os
 
@@ -28,27 +26,17 @@ def compile_decision(setting, device_type, training_flops):
 
 
 def tune_allocators(device_type):
-    """Keep what the step frees for the next step instead of handing it back to the system. Returns what
-    was done. Call before the first tensor on the device.
+    """What is done to the device's allocator, as a line for the log. Call before the first tensor on it.
     - CUDA: expandable segments (as nanochat sets), so varying sizes do not fragment the cache.
-    - CPU (glibc): malloc serves big tensors with fresh mmap'd pages and unmaps them on free, so every
-      step page-faults its big buffers in again (512 MB of logits: 0.2 s of a 0.43 s matmul at d4).
-      Without mmap and trimming, freed memory is reused, as the CUDA caching allocator reuses it."""
+    - CPU: nothing. glibc hands big freed blocks back and page-faults them in again (writing 512 MB of
+      logits at d4: 0.61 s fresh, 0.43 s reused), but keeping them (mallopt M_MMAP_MAX=0 and no trim)
+      made the heap grow by the block on each alloc-free of one aligned size (256 MB a round: 0.27 ->
+      1.8 GB in 8), so a long run could grow without bound; the chunked loss keeps blocks small instead
+      (bench/README.md)."""
     if device_type == "cuda":
         os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
         return f"PYTORCH_ALLOC_CONF={os.environ['PYTORCH_ALLOC_CONF']}"
-    if device_type != "cpu":
-        return "default allocator"
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return "default allocator (no glibc mallopt)"
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    if mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1):
-        return "glibc malloc: freed memory kept for reuse (no mmap, no trim)"
-    return "default allocator (mallopt refused)"
+    return "default allocator"
 
 
 def freeze_gc():

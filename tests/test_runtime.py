@@ -1,10 +1,7 @@
 """What a training process does for speed besides the model: compile or not, the allocators, the collector."""
 
 import gc
-import subprocess
-import sys
-
-import pytest
+import os
 
 from conftest import REPO
 from pipeline import launch, plan, runtime, train
@@ -19,8 +16,10 @@ def test_auto_compiles_on_a_cpu_only_where_it_pays_back():
     cfg = plan.load_config(REPO / "config" / "config.yaml")
     smoke = cfg["rows"]["smoke"]["train"]
     vocab = cfg["tokenizers"][cfg["rows"]["smoke"]["tokenizer"]]["vocab_size"]
-    use, why = runtime.compile_decision("auto", "cpu", training_flops(smoke, vocab))
-    assert not use and "eager" in why and "5.15e+11" in why  # 20 d2 steps: the compile would never pay back
+    flops = training_flops(smoke, vocab)  # 20 d2 steps: a compile would never pay back
+    assert flops < runtime.COMPILE_PAYBACK_FLOPS / 10
+    use, why = runtime.compile_decision("auto", "cpu", flops)
+    assert not use and f"{flops:.2e} training FLOPs" in why and why.endswith("eager")
     d4 = {"depth": 4, "max_seq_len": 512, "device_batch_size": 8, "total_batch_size": 4096, "num_iterations": 70}
     use, why = runtime.compile_decision("auto", "cpu", training_flops(d4, 32768))  # bench's side-by-side run
     assert use and "pays back" in why
@@ -30,32 +29,13 @@ def test_auto_compiles_on_a_cpu_only_where_it_pays_back():
     assert runtime.compile_decision("no", "cuda", 1e20) == (False, "--compile=no")
 
 
-def test_freed_memory_is_reused_without_page_faults():
-    """After tune_allocators("cpu"), a big buffer freed and allocated again faults no pages in; by default
-    glibc unmaps it on free and every page faults in again (what a step's logits cost at d4)."""
-    probe = ("import resource, sys, torch\n"
-             "from pipeline import runtime\n"
-             "if sys.argv[1] == 'tuned': print(runtime.tune_allocators('cpu'), file=sys.stderr)\n"
-             "torch.ones(2**26)\n"  # 256 MB, freed at once
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-             "torch.ones(2**26)\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
-    faults = {}
-    for mode in ("default", "tuned"):
-        done = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, cwd=REPO, check=True)
-        faults[mode] = int(done.stdout.split()[-1])
-    if "no glibc" in done.stderr:
-        pytest.skip("not glibc: " + done.stderr)
-    assert "freed memory kept for reuse" in done.stderr
-    assert faults["default"] > 2**26 * 4 // 4096 // 2  # at least half of its 4 KiB pages
-    assert faults["tuned"] < faults["default"] / 100, faults
-
-
 def test_cuda_gets_expandable_segments_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert runtime.tune_allocators("cuda") == "PYTORCH_ALLOC_CONF=expandable_segments:True"
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
     assert runtime.tune_allocators("cuda") == "PYTORCH_ALLOC_CONF=max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    assert runtime.tune_allocators("cpu") == "default allocator" and "PYTORCH_ALLOC_CONF" not in os.environ
 
 
 def test_the_collector_is_frozen_for_the_steps_and_back_after():
