@@ -7,11 +7,11 @@ left in its results folder (the flags, our store, nanochat's base dir with its t
         --nanochat-python /path/to/nanochat-venv/bin/python --dir results/throughput/92d63d4/d4_cpu
 
 Median milliseconds of --steps steps after 3 untimed ones; the collector frozen after the first, as both
-train scripts do. The nanochat side imports only torch and the checkout (it runs in nanochat's python).
+train scripts do. The nanochat side imports only torch, the checkout and pipeline.runtime (it runs in
+nanochat's python).
 """
 
 import argparse
-import gc
 import json
 import os
 import resource
@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from pipeline import runtime  # noqa: E402  (gc and os only: it imports in nanochat's python too)
+
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -44,9 +47,7 @@ def timed_steps(next_batch, model, optimizer, steps, warmup=3):
         loss.item()
         t4 = time.perf_counter()
         if i == 0:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
+            runtime.freeze_gc()  # as both train scripts do after their first step
         if i >= warmup:
             for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 times[phase].append(dt)
@@ -54,7 +55,6 @@ def timed_steps(next_batch, model, optimizer, steps, warmup=3):
 
 
 def ours(d, steps):
-    sys.path.insert(0, str(REPO))
     from pipeline import cli, evaluate, launch, plan, train
     config_path = d / "config.yaml"
     cfg = plan.load_config(config_path)
@@ -133,7 +133,6 @@ def main():
                   else nanochat(d, args.steps, args.nanochat.resolve(), run, args.model_config))
         print(json.dumps(result))
         return
-    sys.path.insert(0, str(REPO))
     from pipeline import launch, train
     model_config = train.resolve(train.parse_args(launch.flag_args(run)), 32768, 1)["model"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
