@@ -8,9 +8,12 @@ exclusive flock on <work>/locks/<name>.lock for its whole run. A second copy wai
 once the first has sealed its store directory, does nothing. The kernel drops a flock when its holder
 dies (SIGKILL included), so a killed run never leaves a stale lock behind.
 
-Stages run through pipeline.cli take the lock in process; train and core, which torchrun may start
-as many processes, take it here, around the whole launcher (one holder, not one per rank), and their
-ranks die with the launcher (die_with_launcher), so the lock is never free while a rank still runs.
+Every stage takes the lock through `for_stage` (pipeline.cli's runner), which knows three holders:
+- this process, for a stage run as one process;
+- the launcher: Snakemake's train and core commands take the lock here, around the whole torchrun
+  (one holder, not one per rank), and tell the ranks so through PIPELINE_KEYLOCK; their ranks die with
+  the launcher (die_with_launcher), so the lock is never free while a rank still runs;
+- rank 0 of a torchrun started by hand: the other ranks wait until the lock names their run.
 """
 
 import argparse
@@ -24,6 +27,11 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from pipeline import launch
+
+HELD_ENV = "PIPELINE_KEYLOCK"  # set by the launcher to the name of the lock it holds for its whole process tree
+POLL_S = 0.5
 
 
 def lock_path(work_root, name):
@@ -40,9 +48,10 @@ def _holder(f):
 
 
 @contextmanager
-def held(work_root, name, log=None):
+def held(work_root, name, log=None, run_id=None):
     """Hold the key's lock, waiting (and saying so) while another process holds it. Yields the file,
-    which stays open (and locked) until the block ends; `inheritable` for a command exec'd under it."""
+    which stays open (and locked) until the block ends; `inheritable` for a command exec'd under it.
+    `run_id` (torchrun's) goes into the lock file, for the ranks that wait on it."""
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     path = lock_path(work_root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,10 +66,41 @@ def held(work_root, name, log=None):
             log(f"{name}: the other run ended after {time.time() - t0:.0f}s of waiting")
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run": run_id,
                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         f.flush()
         yield f
+
+
+def _holder_run(path):
+    try:
+        return json.loads(Path(path).read_text() or "{}").get("run")
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def for_stage(work_root, name, done, log=None):
+    """The key's lock for one stage run, from whichever holder this process has (see the module's doc).
+    A rank other than 0 of a torchrun started by hand holds nothing: it waits until rank 0 holds the
+    lock for this very run (its run id in the lock file) or `done` exists, and the collectives then keep
+    it in step with rank 0."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if os.environ.get(HELD_ENV) == name:
+        yield
+    elif world == 1 or rank == 0 or not run_id:
+        with held(work_root, name, log if rank == 0 else (lambda m: None), run_id=run_id):
+            yield
+    else:
+        path, said = lock_path(work_root, name), False
+        while _holder_run(path) != run_id and not Path(done).is_file():
+            if not said:
+                said = True
+                log(f"{name}: rank {rank} waits for rank 0 to hold the key's lock")
+            time.sleep(POLL_S)
+        yield
 
 
 def die_with_launcher():
@@ -85,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--done", required=True, help="the manifest whose presence means the work is done")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run under the lock")
     args = ap.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = launch.after_separator(args.command)
     if not command:
         ap.error("give the command to run after --")
     with held(args.work, args.name) as f:
@@ -93,6 +133,7 @@ def main(argv=None):
             print(f"{args.name}: already done ({args.done}); nothing to run", file=sys.stderr)
             return 0
         os.set_inheritable(f.fileno(), True)  # the exec'd launcher keeps holding the lock until it exits
+        os.environ[HELD_ENV] = args.name  # ... and its ranks must not wait for a lock their launcher holds
         os.execvp(command[0], command)
 
 

@@ -21,6 +21,17 @@ import subprocess
 import sys
 
 
+def after_separator(argv):
+    """The arguments after a leading `--`: torchrun (and our own wrappers) hand the separator on to the module."""
+    argv = list(argv)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def compact_json(obj):
+    """A spec (or a flag's dict) on one command line: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
 def flag_args(params, names=None):
     """Spec parameters (plus the run/model-tag names) as base_train-style `--flag=value` arguments."""
     args = []
@@ -29,7 +40,7 @@ def flag_args(params, names=None):
         if value is True:
             args.append(flag)
         elif isinstance(value, dict):  # --knobs: a row's recipe overrides, as compact JSON
-            args.append(f"{flag}={json.dumps(value, sort_keys=True, separators=(',', ':'))}")
+            args.append(f"{flag}={compact_json(value)}")
         elif value is not False and value is not None:
             args.append(f"{flag}={value}")
     return args
@@ -39,8 +50,8 @@ def train_argv(spec, inputs, out, work):
     """argv for `pipeline.train` (after the launcher)."""
     settings = spec["settings"]
     names = {k: settings[k] for k in ("run", "model_tag") if k in settings}
-    return [*flag_args(spec["params"], names), "--spec", json.dumps(spec, sort_keys=True, separators=(",", ":")),
-            "--inputs", *map(str, inputs), "--out", str(out), "--work", str(work)]
+    return [*flag_args(spec["params"], names), "--spec", compact_json(spec), "--inputs", *map(str, inputs),
+            "--out", str(out), "--work", str(work)]
 
 
 def device_type(spec):
@@ -77,8 +88,7 @@ def train_command(spec, inputs, out, work, threads=None):
 
 def core_command(spec, inputs, out, work, threads=None):
     """The core stage's command: its items are split over the same processes as training."""
-    argv = ["--spec", json.dumps(spec, sort_keys=True, separators=(",", ":")), "--inputs", *map(str, inputs),
-            "--out", str(out), "--work", str(work)]
+    argv = ["--spec", compact_json(spec), "--inputs", *map(str, inputs), "--out", str(out), "--work", str(work)]
     return _shell(locked(spec, out, work, launcher(spec, "pipeline.core", threads=threads) + argv))
 
 
@@ -157,7 +167,7 @@ def main(argv=None):
     multi.add_argument("-m", dest="module", required=True)
     multi.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
     ns = parser.parse_args(argv)
-    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+    args = after_separator(ns.args)
     try:
         cmd, env = multinode_argv(ns.nodes, ns.nproc_per_node, ns.module, args, dict(os.environ),
                                   cpus_per_node=ns.cpus_per_node, gpu=ns.gpu, port=ns.port)

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, evaluate, keylock, launch, optim, plan, runtime, store, tokenizer
+from pipeline import checkpoint, cli, dims, evaluate, launch, optim, plan, runtime, store, tokenizer
 from pipeline import recipe as recipes
+from pipeline.device import setup_device
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig, use_fa3
 from pipeline.optim import MuonAdamW
@@ -88,10 +89,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `torchrun ... -m pipeline.train -- --depth=26` hands the separator on
-        argv = argv[1:]
-    return build_parser().parse_args(argv)
+    return build_parser().parse_args(launch.after_separator(sys.argv[1:] if argv is None else argv))
 
 
 # ----------------------------------------------------------------------------- depth -> everything
@@ -154,25 +152,6 @@ def make_optimizer(model, hp, compiled=False):
 
 
 # ----------------------------------------------------------------------------- device, fp8, eval
-
-def setup_device(device_type):
-    """(device, rank, local_rank, world_size, what was done to the allocator); joins the process group when
-    run under torchrun."""
-    keylock.die_with_launcher()
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    allocator = runtime.tune_allocators(device_type)
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device-type=cuda but no CUDA device is visible; use --device-type=cpu")
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                                       ("WORLD_SIZE", 1)))
-    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                device_id=device if device_type == "cuda" else None)
-    return device, rank, local_rank, world, allocator
-
 
 def fp8_supported(device):
     return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
@@ -503,11 +482,6 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- command line
 
-def spec_for_row(config_path, row):
-    cfg = plan.load_config(config_path)
-    return cfg, cli.row_specs(cfg, config_path, row, "train")[0]
-
-
 # Flags outside the key: where things go, names, and which of the run's own checkpoints to resume from.
 STORE_FLAGS = {"spec", "row", "config", "store", "work", "threads", "inputs", "out", "resume_from_step",
                *plan.TRAIN_NAME_FLAGS}
@@ -529,32 +503,19 @@ def check_flags_match_spec(args, spec):
 @cli.user_errors
 def main(argv=None):
     args = parse_args(argv)
-    if args.spec:
-        spec = json.loads(args.spec)
-        check_flags_match_spec(args, spec)
-        if not (args.inputs and args.out and args.work):
-            raise StageError("--spec needs --inputs, --out and --work")
-        inputs, out, work = args.inputs, args.out, Path(args.work)
-    elif args.row:
-        cfg, spec = spec_for_row(args.config, args.row)
-        store_root = Path(args.store or cfg["store_dir"])
-        inputs = [store_root / r for r in spec["inputs"]]
-        out = store.store_dir(spec, store_root)
-        work = Path(args.work or cfg["work_dir"])
-        if (out / store.MANIFEST).exists():
-            print(f"train {spec['key']}: up to date ({out})", file=sys.stderr)
-            return 0
-        names = {k: spec["settings"][k] for k in ("run", "model_tag") if k in spec["settings"]}
-        resume_from_step = args.resume_from_step
-        args = parse_args(launch.flag_args(spec["params"], names))
-        args.resume_from_step = resume_from_step
-    else:
+    if not (args.spec or args.row):
         raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
                          "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "
                          "Snakemake passes it")
-    for d in inputs:
-        store.read_manifest(d)
-    Trainer(args, spec, inputs, out, store.work_dir(spec, work)).run()
+    (target,) = cli.targets("train", args)
+    if args.spec:
+        check_flags_match_spec(args, target.spec)
+    else:  # the row's flags, as its spec has them; which checkpoint to resume stays the caller's
+        names = {k: target.spec["settings"][k] for k in plan.TRAIN_NAME_FLAGS if k in target.spec["settings"]}
+        resume_from_step = args.resume_from_step
+        args = parse_args(launch.flag_args(target.spec["params"], names))
+        args.resume_from_step = resume_from_step
+    cli.run_target(target, lambda spec, inputs, out, work, threads: Trainer(args, spec, inputs, out, work).run())
     return 0
 
 
