@@ -9,11 +9,11 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from pipeline import dims
 from pipeline import recipe as recipes
 from pipeline.store import StageError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
-NUM_SPECIAL_TOKENS = 9  # <|bos|> and the 8 chat tokens, see pipeline.tokenizer.SPECIAL_TOKENS
 
 
 class ConfigError(StageError):
@@ -60,7 +60,7 @@ def _fill_defaults(node, sch):
                 _fill_defaults(value, extra)
 
 
-def _cross_messages(cfg):
+def _cross_messages(cfg, sch):
     out = []
     datasets, tokenizers = cfg["datasets"], cfg["tokenizers"]
     bundles = cfg.get("core_bundles", {})
@@ -102,7 +102,7 @@ def _cross_messages(cfg):
         if ds is not None and "val_shard" in row:
             out += _val_shard_messages(where, row, ds)
         if not recipe_problems:
-            out += _batch_messages(where, row)
+            out += _batch_messages(where, row, sch)
     return out
 
 
@@ -130,18 +130,15 @@ def _val_shard_messages(where, row, ds):
     return []
 
 
-def _batch_messages(where, row):
-    launch = row.get("launch", {})
+def _batch_messages(where, row, sch):
+    launch = copy.deepcopy(row.get("launch", {}))
+    _fill_defaults(launch, sch["properties"]["rows"]["additionalProperties"]["properties"]["launch"])
     train = recipes.settle(row.get("recipe"), row["train"])
-    total = train["total_batch_size"]
-    if total == -1:
-        return []  # auto-sized by the train stage, which checks divisibility once it knows the size
-    world = launch.get("nproc_per_node", 8) * launch.get("nodes", 1)
-    per_step = train["device_batch_size"] * train["max_seq_len"] * world
-    if total % per_step:
-        return [f"{where}.train.total_batch_size: {total} tokens is not a multiple of device_batch_size x "
-                f"max_seq_len x world size = {per_step}; pick a device_batch_size (a power of 2) that divides it"]
-    return []
+    if train["total_batch_size"] == -1:
+        return []  # auto-sized by the train stage, which checks the split once it knows the size
+    problem = dims.batch_split_problem(train["total_batch_size"], train["device_batch_size"], train["max_seq_len"],
+                                       launch["nproc_per_node"] * launch["nodes"])
+    return [f"{where}.train.total_batch_size: {problem}"] if problem else []
 
 
 def check(cfg, source="config/config.yaml"):
@@ -155,7 +152,7 @@ def check(cfg, source="config/config.yaml"):
     sch = schema()
     messages = _schema_messages(cfg, sch)
     if not messages:
-        messages = _cross_messages(cfg)
+        messages = _cross_messages(cfg, sch)
     if messages:
         raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(messages))
     _fill_defaults(cfg, sch)

@@ -119,6 +119,16 @@ def iterations(flags, target, batch, flops):
     return target // batch
 
 
+def batch_split_problem(total_batch_size, device_batch_size, max_seq_len, world_size):
+    """Why `total_batch_size` tokens cannot be split into whole micro-batches over the devices (None if it can):
+    checked by the config for a set batch, and by train for an auto-sized one."""
+    per_step = device_batch_size * max_seq_len * world_size
+    if total_batch_size % per_step == 0:
+        return None
+    return (f"{total_batch_size} tokens is not a multiple of device_batch_size x max_seq_len x world size = "
+            f"{per_step}; pick a device_batch_size (a power of 2) that divides it")
+
+
 def derive(flags, knobs, vocab_size, world_size):
     """Every derived size and hyperparameter of a run from its settled flags (recipe defaults filled in)
     and its recipe's knobs; what nanochat prints when a run starts, and what the manifest records."""

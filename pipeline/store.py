@@ -160,8 +160,9 @@ def store_dir(spec, store_root):
     return Path(store_root) / spec["stage"] / spec["key"]
 
 
-def _link_or_copy(src, dst):
-    """Hard-link when possible (same filesystem: free and keeps the work copy for a resume)."""
+def link_or_copy(src, dst):
+    """Put `src` at `dst` atomically: hard-linked when possible (same filesystem: free, and it keeps the work
+    copy for a resume), else copied."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
@@ -190,7 +191,7 @@ def seal(spec, files, src_dir, out_dir, *, resolved=None, started_at=None, extra
         dst = out_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.resolve() != dst.resolve():
-            _link_or_copy(src, dst)
+            link_or_copy(src, dst)
         outputs[name] = file_record(dst)
     finished = now_iso()
     manifest = {

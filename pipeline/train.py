@@ -110,11 +110,9 @@ def resolve(args, vocab_size, world_size):
     the manifest records it)."""
     flags, knobs = settle(args)
     hp = dims.derive(flags, knobs, vocab_size, world_size)
-    if hp["grad_accum_steps"] is None:
-        per_step = args.device_batch_size * args.max_seq_len * world_size
-        raise StageError(f"--total-batch-size {hp['total_batch_size']} is not a multiple of device_batch_size x "
-                         f"max_seq_len x world size = {per_step}; use a device batch size (a power of 2) that "
-                         "divides it")
+    problem = dims.batch_split_problem(hp["total_batch_size"], args.device_batch_size, args.max_seq_len, world_size)
+    if problem:
+        raise StageError(f"--total-batch-size {problem}")
     if hp["num_iterations"] < 1:
         raise StageError(f"the flags give {hp['num_iterations']} training steps; raise --target-param-data-ratio or "
                          "set --num-iterations")
@@ -456,7 +454,8 @@ class Trainer:
     def publish(self, summary):
         final = self.work / "final"
         final.mkdir(parents=True, exist_ok=True)
-        os.replace(self._final_model(), final / "model.pt")
+        # the final step's weights, by step: a stray newer checkpoint (another run's) must not be published
+        store.link_or_copy(self.ckpt_dir / f"step_{self.step:06d}" / "model.pt", final / "model.pt")
         shutil.copyfile(self.metrics_path, final / "metrics.jsonl")
         store.write_json(final / "model.json", {"config": self.hp["model"], "step": self.step,
                                                 "tokenizer": self.spec["inputs"][0] if self.spec else None,
@@ -466,18 +465,6 @@ class Trainer:
         store.seal(self.spec, files, final, self.out, resolved={k: v for k, v in self.hp.items()},
                    extra={"summary": summary})
         shutil.rmtree(self.work, ignore_errors=True)  # checkpoints were only for resuming this run
-
-    def _final_model(self):
-        """The final step's checkpointed weights, hard-linked (not copied) when the filesystem allows. By step,
-        not the newest directory: a stray newer one (another run's) must not be published as this model."""
-        src = self.ckpt_dir / f"step_{self.step:06d}" / "model.pt"
-        dst = self.work / "model.pt.final"
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
-        return dst
 
 
 # ----------------------------------------------------------------------------- command line

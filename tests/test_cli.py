@@ -5,14 +5,27 @@ import pytest
 import yaml
 
 from conftest import REPO
+from pipeline import plan
 
 
-@pytest.mark.parametrize("module", ["download", "tokenizer", "pretokenize", "plan", "store", "publish"])
-def test_every_stage_has_a_cli(module):
-    out = subprocess.run([sys.executable, "-m", f"pipeline.{module}", "--help"], capture_output=True, text=True,
+@pytest.mark.parametrize("stage", plan.STAGES)
+def test_every_stage_runs_through_the_shared_command_line(stage, tmp_path):
+    """Each stage takes the runner's flags, and a bad row is the runner's one line, whatever the stage."""
+    out = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--help"], capture_output=True, text=True,
                          cwd=REPO)
-    assert out.returncode == 0
-    assert out.stdout.startswith("usage: python -m pipeline.")
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: python -m pipeline.{stage} ")
+    assert all(f"--{flag}" in out.stdout for flag in ("spec", "row", "config", "store", "work", "inputs", "out"))
+    bad = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--row", "nope", "--store", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: config/config.yaml: no row named 'nope' (rows: ")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tool", ["plan", "store", "publish", "report", "keylock", "launch"])
+def test_the_bookkeeping_tools_have_a_command_line(tool):
+    out = subprocess.run([sys.executable, "-m", f"pipeline.{tool}", "--help"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: python -m pipeline.{tool} ")
 
 
 def test_plan_show_lists_a_rows_keys():

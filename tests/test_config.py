@@ -118,3 +118,20 @@ def test_a_bare_yes_or_no_for_compile_means_the_word(repo_config):
     for word in ("yes", "no", "auto"):
         cfg["rows"]["smoke"]["train"]["compile"] = yaml.safe_load(f"compile: {word}")["compile"]
         assert config.check(cfg)["rows"]["smoke"]["train"]["compile"] == word
+
+
+@pytest.mark.parametrize(("launch", "world"), [(None, 8), ({"nproc_per_node": 2}, 2), ({"nodes": 2}, 16)])
+def test_a_batch_the_devices_cannot_split_is_refused_with_the_launchs_world(repo_config, launch, world):
+    """The world size counts the schema's launch defaults (8 processes on 1 node) for what the row leaves out."""
+    cfg = copy.deepcopy(repo_config)
+    row = cfg["rows"]["smoke"]
+    row.pop("launch")
+    if launch:
+        row["launch"] = launch
+    row["train"].update(device_batch_size=3, max_seq_len=256, total_batch_size=4096)
+    with pytest.raises(ConfigError) as err:
+        config.check(cfg)
+    assert (f"rows.smoke.train.total_batch_size: 4096 tokens is not a multiple of device_batch_size x max_seq_len x "
+            f"world size = {3 * 256 * world}; pick a device_batch_size (a power of 2) that divides it") in str(err.value)
+    row["train"].update(device_batch_size=2, total_batch_size=2 * 256 * world * 4)
+    config.check(cfg)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline import evaluate, launch, plan
+from pipeline import evaluate, launch, plan, train
 from pipeline.model import GPT, GPTConfig, flash_windows_supported
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -40,7 +40,13 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert losses[-1] < losses[0] - 0.5
-    assert summary["mfu"] is None or summary["mfu"] > 0
+    # MFU against the card's dense bf16 peak: a card in train's table must get one, from the measured rate
+    peak = train.peak_flops(torch.device("cuda"))
+    assert (summary["mfu"] is None) == (peak is None), (summary["device"], summary["mfu"])
+    if peak is not None:
+        flops = json.loads((out / "manifest.json").read_text())["resolved"]["flops_per_token"]
+        assert 0 < summary["mfu"] < 100
+        assert summary["mfu"] == pytest.approx(100 * flops * summary["tok_per_sec"] / peak)
     assert summary["device"].lower().startswith("nvidia")
     assert bool(summary["fp8_layers"]["converted"]) == fp8
     fa3 = "attention: FlashAttention-3" in proc.stderr  # where HuggingFace `kernels` can load it (Hopper)
@@ -53,7 +59,6 @@ def test_embeddings_are_bf16_on_cuda_as_nanochats(recipe):
     """nanochat keeps wte and the value embeddings in bf16 on CUDA (and their AdamW moments), so the
     residual stream is bf16; the block matrices and the scalars stay fp32 master weights."""
     from conftest import tiny_hp
-    from pipeline import train
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(2, 512, 64, recipe=recipe))
     model.to_empty(device="cuda")
