@@ -1,4 +1,4 @@
-"""envs/ agrees with pyproject.toml: the pip and conda pins, and the Python environment of the Nix flake.
+"""workflow/envs/ agrees with pyproject.toml: the pip and conda pins, and the Python environment of the Nix flake.
 
 The flake is evaluated offline by Debian's nix-bin against a stand-in nixpkgs (tests/nix/) that records
 what the flake asks for instead of building it: these tests check which files each variant's package
@@ -22,7 +22,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVS = ROOT / "envs"
+ENVS = ROOT / "workflow" / "envs"
 DESCRIBE = ROOT / "tests" / "nix" / "describe.nix"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 NIX = shutil.which("nix")
@@ -74,7 +74,7 @@ def flake_pins():
     reqs = list(project["dependencies"])
     for extra in wheel_lock()["extras"]:
         assert extra in project.get("optional-dependencies", {}), (
-            f"envs/wheels.json locks the extra {extra!r}, which pyproject.toml lacks: rerun envs/lock-wheels"
+            f"workflow/envs/wheels.json locks the extra {extra!r}, which pyproject.toml lacks: rerun workflow/envs/lock-wheels"
         )
         reqs += project["optional-dependencies"][extra]
     return parse_pins(reqs, "pyproject.toml")
@@ -85,7 +85,7 @@ def flake_pins():
 
 def test_requirements_txt_pins_what_pyproject_pins():
     lines = [line.split("#")[0] for line in (ENVS / "requirements.txt").read_text().splitlines()]
-    pins = parse_pins([line for line in lines if line.strip()], "envs/requirements.txt")
+    pins = parse_pins([line for line in lines if line.strip()], "workflow/envs/requirements.txt")
     assert pin_mismatches(runtime_pins(), pins) == []
 
 
@@ -93,10 +93,14 @@ def test_requirements_txt_pins_what_pyproject_pins():
 def test_environment_yaml_pins_what_pyproject_pins(name, extras):
     env = yaml.safe_load((ENVS / name).read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
-    assert len(pip_lists) == 1, f"envs/{name}: expected one pip: list"
+    assert len(pip_lists) == 1, f"workflow/envs/{name}: expected one pip: list"
     optional = pyproject()["project"]["optional-dependencies"]
     wanted = runtime_pins() | parse_pins([r for e in extras for r in optional[e]], "pyproject.toml")
-    assert pin_mismatches(wanted, parse_pins(pip_lists[0], f"envs/{name}")) == []
+    pins = [r for r in pip_lists[0] if not r.startswith("-e ")]
+    assert pin_mismatches(wanted, parse_pins(pins, f"workflow/envs/{name}")) == []
+    # and the checkout itself, editable: conda runs pip in the env file's folder, so the path is relative to it
+    (editable,) = [r.split(None, 1)[1] for r in pip_lists[0] if r.startswith("-e ")]
+    assert (ENVS / editable).resolve() == ROOT and (ENVS / editable / "pipeline" / "__init__.py").is_file()
     pythons = [d.split("=", 1)[1] for d in env["dependencies"] if isinstance(d, str) and d.startswith("python=")]
     assert len(pythons) == 1 and pythons[0] in SpecifierSet(pyproject()["project"]["requires-python"])
 
@@ -244,12 +248,13 @@ def test_flake_variants_differ_in_their_torch_build(outputs):
 
 
 def copy_tree(tmp_path, pyproject_text=None, lock=None):
-    """envs/flake.nix with its wheels.json and ../pyproject.toml, copied (and changed) under tmp_path."""
-    (tmp_path / "envs").mkdir()
-    shutil.copy(ENVS / "flake.nix", tmp_path / "envs" / "flake.nix")
-    (tmp_path / "envs" / "wheels.json").write_text(json.dumps(lock or wheel_lock()))
+    """workflow/envs/flake.nix with its wheels.json and ../../pyproject.toml, copied (and changed) under tmp_path."""
+    envs = tmp_path / "workflow" / "envs"
+    envs.mkdir(parents=True)
+    shutil.copy(ENVS / "flake.nix", envs / "flake.nix")
+    (envs / "wheels.json").write_text(json.dumps(lock or wheel_lock()))
     (tmp_path / "pyproject.toml").write_text(pyproject_text or (ROOT / "pyproject.toml").read_text())
-    return tmp_path / "envs" / "flake.nix"
+    return envs / "flake.nix"
 
 
 @needs_nix
@@ -257,7 +262,7 @@ def test_flake_stops_when_pyproject_pins_a_version_the_lock_lacks(nix, tmp_path)
     pins = runtime_pins()
     text = (ROOT / "pyproject.toml").read_text().replace(f'"torch=={pins["torch"]}"', '"torch==2.12.0"')
     rc, err = describe(nix, copy_tree(tmp_path, pyproject_text=text))
-    assert rc != 0 and "lacks torch==2.12.0" in err and "rerun envs/lock-wheels" in err
+    assert rc != 0 and "lacks torch==2.12.0" in err and "rerun workflow/envs/lock-wheels" in err
 
 
 @needs_nix
@@ -309,14 +314,14 @@ def test_flake_lock_pins_the_nixpkgs_branch_flake_nix_names(nix, tmp_path):
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not found")
 @pytest.mark.parametrize("output", ["packages", "devShells"])
 def test_flake_evaluates_as_a_flake_in_a_git_checkout(nix, tmp_path, output):
-    """What `nix develop ./envs#cuda` does before building: Nix copies the checkout's tracked files to
-    the store and evaluates envs/ as a flake, purely, reading ../pyproject.toml from that copy. Here
+    """What `nix develop ./workflow/envs#cuda` does before building: Nix copies the checkout's tracked files
+    to the store and evaluates workflow/envs/ as a flake, purely, reading ../../pyproject.toml from that copy. Here
     the lock's nixpkgs is overridden by the stand-in, made a flake."""
     repo = tmp_path / "repo"
-    (repo / "envs").mkdir(parents=True)
+    (repo / "workflow" / "envs").mkdir(parents=True)
     shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
     for name in ["flake.nix", "flake.lock", "wheels.json"]:
-        shutil.copy(ENVS / name, repo / "envs" / name)
+        shutil.copy(ENVS / name, repo / "workflow" / "envs" / name)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
@@ -330,7 +335,7 @@ def test_flake_evaluates_as_a_flake_in_a_git_checkout(nix, tmp_path, output):
     envs = "(o: o.packages)" if output == "devShells" else "(o: [ o ])"
     proc = nix("nix", "--extra-experimental-features", "nix-command flakes", "eval", "--json", "--offline",
                "--no-write-lock-file", "--override-input", "nixpkgs", f"path:{stand_in}",
-               f"git+file://{repo}?dir=envs#{output}.x86_64-linux",
+               f"git+file://{repo}?dir=workflow/envs#{output}.x86_64-linux",
                "--apply", f"builtins.mapAttrs (_: o: map ({files}) ({envs} o))", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)

@@ -1,7 +1,7 @@
-# envs/flake.nix's outputs evaluated against tests/nix/stand-in-nixpkgs.nix, as plain data: for each
+# workflow/envs/flake.nix's outputs evaluated against tests/nix/stand-in-nixpkgs.nix, as plain data: for each
 # package and dev shell, the Python it wraps and every file its site-packages is installed from.
 #   nix-instantiate --eval --strict --json -E "import ./tests/nix/describe.nix { }"
-{ flake ? ../../envs/flake.nix }:
+{ flake ? ../../workflow/envs/flake.nix }:
 let
   nixpkgs = import ./stand-in-nixpkgs.nix;
   outputs = (import flake).outputs { self = outputs; inherit nixpkgs; };

@@ -1,4 +1,4 @@
-# A stand-in for the parts of nixpkgs that envs/flake.nix uses, so that its outputs evaluate offline
+# A stand-in for the parts of nixpkgs that workflow/envs/flake.nix uses, so that its outputs evaluate offline
 # (tests/test_envs.py). Nothing is built: each function returns its arguments, tagged with what was
 # called, for tests/nix/describe.nix to read. Only python311 exists, as only it is meant to be used.
 let

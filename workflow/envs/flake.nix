@@ -1,9 +1,9 @@
 # The pipeline's exact Python environment, in a CPU and a CUDA variant:
-#   nix develop ./envs#cpu    nix develop ./envs#cuda    nix build ./envs#cuda
+#   nix develop ./workflow/envs#cpu    nix develop ./workflow/envs#cuda    nix build ./workflow/envs#cuda
 # No nixpkgs release carries the versions pyproject.toml pins, so nixpkgs gives only CPython 3.11
 # and the build tools; every Python distribution is the file pip resolves for those pins, fetched by
-# the URL and sha256 that envs/lock-wheels recorded in wheels.json. The pins themselves are read
-# from ../pyproject.toml, and evaluation stops if wheels.json lacks one of them at its pinned
+# the URL and sha256 that workflow/envs/lock-wheels recorded in wheels.json. The pins themselves are read
+# from ../../pyproject.toml, and evaluation stops if wheels.json lacks one of them at its pinned
 # version, so the environment cannot drift from pyproject.toml unnoticed (tests/test_envs.py).
 {
   description = "gpt2-speedrun-pipeline: the Python environment pinned in pyproject.toml (CPU and CUDA)";
@@ -11,7 +11,7 @@
   # flake.lock holds nixos-25.11 at 8fd9daa3db09ced9700431c5b7ad0e8ba199b575 (2026-05-10). Its
   # narHash was not fetched here: it is the one public flake.lock files record for that revision,
   # and it equals the fetchTarball sha256 other public code gives for the same tarball.
-  # `nix flake update --flake ./envs` moves to a newer nixos-25.11.
+  # `nix flake update --flake ./workflow/envs` moves to a newer nixos-25.11.
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs = { self, nixpkgs }:
@@ -21,7 +21,7 @@
       inherit (nixpkgs) lib;
       python = pkgs.python311;
 
-      pyproject = builtins.fromTOML (builtins.readFile ../pyproject.toml);
+      pyproject = builtins.fromTOML (builtins.readFile ../../pyproject.toml);
       lock = builtins.fromJSON (builtins.readFile ./wheels.json);
 
       # PEP 503 names ("PyYAML" and "pyyaml" are one distribution).
@@ -31,7 +31,7 @@
         in if m == null then throw "pyproject.toml: '${req}' is not an exact pin (name==version)"
            else { name = normalize (builtins.elemAt m 0); version = builtins.elemAt m 1; };
       extraReqs = extra: pyproject.project.optional-dependencies.${extra}
-        or (throw "envs/wheels.json locks the extra '${extra}', which pyproject.toml lacks: rerun envs/lock-wheels");
+        or (throw "workflow/envs/wheels.json locks the extra '${extra}', which pyproject.toml lacks: rerun workflow/envs/lock-wheels");
       # The runtime pins, and the pins of the extras wheels.json was locked with (e.g. slurm).
       pins = map parsePin (pyproject.project.dependencies ++ builtins.concatMap extraReqs lock.extras);
 
@@ -42,7 +42,7 @@
         let
           files = lock.variants.${variant};
           check = pin: builtins.any (satisfies pin) files
-            || throw "envs/wheels.json (${variant}) lacks ${pin.name}==${pin.version} that pyproject.toml pins: rerun envs/lock-wheels";
+            || throw "workflow/envs/wheels.json (${variant}) lacks ${pin.name}==${pin.version} that pyproject.toml pins: rerun workflow/envs/lock-wheels";
         in assert builtins.all check pins; files;
 
       fetch = file: pkgs.fetchurl { inherit (file) url sha256; name = file.file; };
