@@ -5,160 +5,113 @@ a kill or a dropped connection), checked to be a parquet file with a `text` colu
 renamed to its final name. Transient failures (connection errors, timeouts, 5xx, a body cut short,
 bytes that are not parquet) are retried with exponential backoff; a shard that stays bad fails the
 stage with the URL and the reason, and no file under a final name is ever partial.
+
+HuggingFace's `resolve/main` serves whatever the dataset's main branch holds that day, so the commit
+each shard came from (the `X-Repo-Commit` the server answered with) is recorded in the manifest, per
+shard and for the block, and one block never holds shards of two commits: a download resumed after
+the dataset changed upstream is refused. A dataset's `revision:` pins the commit: it replaces `main`
+in the URL and is part of the download key. A server that does not say (a mirror, a local folder) is
+recorded as unknown (null).
 """
 
 import os
+import re
 import shutil
 import sys
 import threading
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import requests
 from tqdm import tqdm
 
-from pipeline import cli, plan, store
+from pipeline import cli, fetch, plan, shards, store
+from pipeline.fetch import BadBodyError
 from pipeline.store import StageError
 
-CHUNK = 1 << 16  # small enough that a dropped connection keeps most of what arrived
+shard_name = shards.shard_name
 
-
-def shard_name(index):
-    return f"shard_{index:05d}.parquet"
-
-
-class TransientError(Exception):
-    """Worth another attempt: the server or the network may recover."""
-
-
-class BadBodyError(TransientError):
-    """The bytes arrived but are not a shard: start the next attempt from zero."""
-
-
-# What to check when a source keeps serving bytes that are not a shard.
+# What to check when a source keeps serving bytes that are not a shard, or no shard at all.
 BAD_BODY_FIX = "check that the dataset's base_url serves nanochat-format parquet shards"
+MISSING_FIX = "check the dataset's base_url and revision, and that the shard index exists"
 
 
-def shard_url(base_url, index):
-    return f"{base_url.rstrip('/')}/{shard_name(index)}"
+def dataset_url(base_url, revision=None):
+    """`base_url` with HuggingFace's `/resolve/<ref>` pointing at `revision`; a URL without that part
+    (a mirror, a folder) is used as it is, the mirror being taken to hold that revision."""
+    if not revision:
+        return base_url
+    head, sep, tail = base_url.rstrip("/").rpartition("/resolve/")
+    if not sep:
+        return base_url
+    _, slash, rest = tail.partition("/")  # a ref, then maybe a folder inside the repo
+    return f"{head}/resolve/{urllib.parse.quote(revision, safe='')}{slash}{rest}"
 
 
-def _local_path(url):
-    """A local source: file:// URL or a plain path (relative to the working directory)."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        return Path(urllib.parse.unquote(parsed.netloc + parsed.path))
-    if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # a plain or a Windows path
-        return Path(url)
-    return None
+def shard_url(base_url, index, revision=None):
+    return f"{dataset_url(base_url, revision).rstrip('/')}/{shard_name(index)}"
 
 
-def _fetch_local(src, part, progress):
-    if not src.is_file():
-        raise StageError(f"{src}: no such file (check the URL or path in config/config.yaml)")
-    have = part.stat().st_size if part.exists() else 0
-    with open(src, "rb") as fin, open(part, "ab") as fout:
-        fin.seek(have)
-        while block := fin.read(CHUNK):
-            fout.write(block)
-            progress(len(block))
-
-
-def _fetch_http(url, part, progress, timeout):
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    try:
-        with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-            if r.status_code == 416 and have:  # the .part already holds the whole body
-                return
-            if r.status_code >= 500 or r.status_code in (408, 429):
-                raise TransientError(f"HTTP {r.status_code} {r.reason}")
-            if r.status_code >= 400:
-                raise StageError(f"{url}: HTTP {r.status_code} {r.reason} (check the dataset's base_url "
-                                 "and that the shard index exists)")
-            mode = "ab" if r.status_code == 206 else "wb"  # 200: the server ignored Range, start over
-            expected = r.headers.get("Content-Length")
-            got = 0
-            with open(part, mode) as f:
-                for block in r.iter_content(CHUNK):
-                    f.write(block)
-                    got += len(block)
-                    progress(len(block))
-            if expected is not None and got != int(expected):
-                raise TransientError(f"body cut short: {got} of {expected} bytes")
-    except requests.exceptions.ChunkedEncodingError as e:
-        raise TransientError(f"body cut short ({e.__class__.__name__})") from e
-    except (requests.ConnectionError, requests.Timeout) as e:
-        raise TransientError(f"{e.__class__.__name__}: {e}") from e
-
-
-def text_column_problem(pf):
-    """What keeps a parquet file (a pq.ParquetFile) from being a nanochat shard, by its schema; None if nothing."""
-    names = pf.schema_arrow.names
-    if "text" not in names:
-        return f"no 'text' column (columns: {', '.join(names) or 'none'})"
-    kind = pf.schema_arrow.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        return f"the 'text' column holds {kind}, not strings"
-    return None
+def is_commit(revision):
+    """A full commit hash names one set of bytes; a branch or tag may move."""
+    return bool(revision) and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
 
 
 def verify_shard(path, sha256=None):
     """Open as parquet and decode every row group of `text` (a string column of valid UTF-8); what we
     learnt about the shard. With `sha256`, the bytes must also be exactly those recorded earlier."""
     try:
-        pf = pq.ParquetFile(path)
-        if problem := text_column_problem(pf):
-            raise ValueError(problem)
-        for i in range(pf.num_row_groups):
-            column = pf.read_row_group(i, columns=["text"]).column("text")
-            try:  # full validation checks the UTF-8 that a plain read lets through
-                column.validate(full=True)
-            except pa.ArrowInvalid as e:
-                raise ValueError(f"row group {i} of 'text' is not valid UTF-8 ({e})") from e
-    except Exception as e:  # pyarrow raises several types for bytes that are not parquet
+        info = shards.check(path)
+    except shards.ShardProblem as e:
         raise BadBodyError(f"not a valid nanochat shard: {e}") from e
     if sha256 is not None and (digest := store.sha256_file(path)) != sha256:
         raise BadBodyError(f"sha256 {digest} is not the recorded {sha256}")
-    return {"num_rows": pf.metadata.num_rows, "num_row_groups": pf.num_row_groups}
+    return info
 
 
 def fetch_shard(url, dest, sha256=None, **kw):
-    return fetch(url, dest, lambda path: verify_shard(path, sha256), fix=BAD_BODY_FIX, **kw)
+    return fetch.fetch_file(url, dest, lambda path: verify_shard(path, sha256), fix=BAD_BODY_FIX,
+                            missing_fix=MISSING_FIX, **kw)
 
 
-def fetch(url, dest, verify, *, attempts=5, backoff_s=1.0, timeout=60, progress=lambda n: None,
-          fix="check that the URL serves the file it should"):
-    """Download `url` to `dest`; `verify(path)` checks the bytes (raising BadBodyError) before they
-    get the final name. A partial `.part` file is resumed, never trusted. `fix` says what to check
-    when the bytes stay bad."""
-    part = dest.with_name(dest.name + ".part")
-    local = _local_path(url)
-    for attempt in range(1, attempts + 1):
-        try:
-            if local is not None:
-                _fetch_local(local, part, progress)
-            else:
-                _fetch_http(url, part, progress, timeout)
-            info = verify(part)
-            os.replace(part, dest)
-            return {"url": url, **info, "attempts": attempt}
-        except TransientError as e:
-            # A bad body is discarded; a cut-short one is kept so the next try resumes it.
-            if isinstance(e, BadBodyError):
-                part.unlink(missing_ok=True)
-            # a local file does not change between attempts: waiting for it to recover is pointless
-            if attempt == attempts or (local is not None and isinstance(e, BadBodyError)):
-                hint = fix if isinstance(e, BadBodyError) else "rerun to resume; check the network and the URL"
-                raise StageError(f"{url}: failed after {attempt} attempt{'s' * (attempt > 1)}: {e} ({hint})") from e
-            wait = backoff_s * 2 ** (attempt - 1)
-            print(f"{url}: attempt {attempt}/{attempts} failed ({e}); retrying in {wait:.1f}s",
-                  file=sys.stderr)
-            time.sleep(wait)
+class BlockRevision:
+    """The one commit a block's shards come from: the first shard whose server says which sets it,
+    and a shard of another commit is refused, naming both and the fix. Thread-safe."""
+
+    def __init__(self, spec, work):
+        params = spec["params"]
+        self.dataset, self.pinned, self.work = params["dataset"], params.get("revision"), work
+        self.where = f"download of {self.dataset} shards {params['shards'][0]}-{params['shards'][-1]}"
+        self.lock = threading.Lock()
+        self.first = None  # (commit, shard name, fetched in an earlier run)
+
+    @property
+    def commit(self):
+        return self.first and self.first[0]
+
+    def check(self, name, commit, earlier=False):
+        if commit is None:
+            return  # the server did not say (a mirror, a local file): nothing to compare
+        if is_commit(self.pinned) and commit != self.pinned:
+            raise StageError(f"{self.where}: the server answered {name} with commit {commit}, not the pinned "
+                             f"revision {self.pinned} (datasets.{self.dataset}.revision in the config); base_url "
+                             f"must serve that revision (HuggingFace's .../resolve/main, or a mirror of {self.pinned})")
+        with self.lock:
+            if self.first is None:
+                self.first = (commit, name, earlier)
+                return
+        first, first_name, first_earlier = self.first
+        if commit == first:
+            return
+
+        def said(shard, sha, before):
+            return (f"{shard}, fetched earlier into {self.work}, came from commit {sha}" if before
+                    else f"the server now serves {shard} from commit {sha}")
+        raise StageError(f"{self.where}: {said(name, commit, earlier)}, but {said(first_name, first, first_earlier)}; "
+                         "one download key must not hold shards of two revisions (the dataset changed upstream). "
+                         f"Pin one in the config, e.g. `revision: {first}` under datasets.{self.dataset} (a new "
+                         f"key: the block is fetched again from that commit), or delete {self.work} to fetch the "
+                         f"whole block again from {commit}")
 
 
 def run(spec, inputs, out, work, threads):
@@ -166,6 +119,10 @@ def run(spec, inputs, out, work, threads):
     work.mkdir(parents=True, exist_ok=True)
     started = store.now_iso()
     names = [shard_name(i) for i in params["shards"]]
+    revision = BlockRevision(spec, work)
+    for name in names:  # shards of an earlier, killed run set the block's commit before any new one is fetched
+        if (work / name).exists():
+            revision.check(name, fetch.served_revision(work / name), earlier=True)
     lock = threading.Lock()
     bar = tqdm(total=len(names), unit="shard", desc=f"download {params['dataset']}", file=sys.stderr)
     nbytes = [0]
@@ -176,27 +133,36 @@ def run(spec, inputs, out, work, threads):
             bar.set_postfix_str(f"{nbytes[0] / 1e6:.0f} MB")
 
     def one(index):
-        dest = work / shard_name(index)
-        url = shard_url(settings["base_url"], index)
+        name = shard_name(index)
+        dest = work / name
+        url = shard_url(settings["base_url"], index, params.get("revision"))
         if dest.exists():  # renamed into place after verification; checked again, as the disk may have lost it
             try:
-                info = {"url": url, "resumed": True, **verify_shard(dest)}
+                info = {"url": url, "resumed": True, **verify_shard(dest), "revision": fetch.served_revision(dest)}
             except BadBodyError as e:
                 print(f"{dest}: damaged since it was downloaded ({e}); fetching it again", file=sys.stderr)
                 dest.unlink()
         if not dest.exists():
             info = fetch_shard(url, dest, attempts=settings["attempts"], backoff_s=settings["backoff_s"],
-                               timeout=settings["timeout_s"], progress=progress)
+                               timeout=settings["timeout_s"], progress=progress,
+                               accept_revision=lambda commit: revision.check(name, commit))
+            # a resumed .part may hold the bytes of an answer before this one: its own commit counts
+            revision.check(name, info["revision"])
         bar.update(1)
-        return shard_name(index), info
+        return name, info
 
     try:
         # I/O bound: parallel connections, not cores, decide the speed
         with ThreadPoolExecutor(max_workers=min(settings["max_parallel"], len(names))) as pool:
-            shards = dict(pool.map(one, params["shards"]))
+            fetched = dict(pool.map(one, params["shards"]))
     finally:
         bar.close()
-    store.seal(spec, names, work, out, resolved={"shards": shards}, started_at=started)
+    print(f"download {params['dataset']} shards {names[0]}..{names[-1]}: " + (
+        f"revision {revision.commit}" if revision.commit else
+        "revision unknown (the server did not say which commit it served: a mirror or a local folder)"),
+        file=sys.stderr)
+    store.seal(spec, names, work, out, resolved={"shards": fetched, "revision": revision.commit},
+               started_at=started)
 
 
 def check_intact(directory):
@@ -221,6 +187,8 @@ def repair(directory, *, attempts=None, backoff_s=None, timeout=None):
         raise StageError(f"{directory}: a {manifest.get('stage')} directory; --repair refetches download "
                          "directories only (delete this one and rerun its Snakemake target)")
     settings = manifest["settings"]
+    # the commit the block came from: its bytes are still there after main has moved on
+    revision = manifest["resolved"].get("revision") or manifest["params"].get("revision")
     scratch = directory.with_name(f".{directory.name}.repair")  # same filesystem: the rename is atomic
     scratch.mkdir(exist_ok=True)
     fetched = []
@@ -228,7 +196,7 @@ def repair(directory, *, attempts=None, backoff_s=None, timeout=None):
         path = directory / name
         if store.mismatch(path, rec) is None:
             continue
-        url = shard_url(settings["base_url"], int(name.removeprefix("shard_").removesuffix(".parquet")))
+        url = shard_url(settings["base_url"], int(name.removeprefix("shard_").removesuffix(".parquet")), revision)
         fetch_shard(url, scratch / name, sha256=rec["sha256"], attempts=attempts or settings["attempts"],
                     backoff_s=settings["backoff_s"] if backoff_s is None else backoff_s,
                     timeout=timeout or settings["timeout_s"])
@@ -273,11 +241,11 @@ def main(argv=None):
         if args.dataset not in cfg["datasets"]:
             raise StageError(f"{args.config}: no dataset named {args.dataset!r} "
                              f"(datasets: {', '.join(cfg['datasets'])})")
-        shards, last = _parse_range(args.shards), cfg["datasets"][args.dataset]["val_shard"]
-        if shards[-1] > last:
+        indices, last = _parse_range(args.shards), cfg["datasets"][args.dataset]["val_shard"]
+        if indices[-1] > last:
             raise StageError(f"--shards {args.shards}: dataset {args.dataset!r} has shards 0..{last} "
-                             f"({last} is the validation shard); shard {shards[-1]} is past its end")
-        spec = plan.download_spec(cfg, args.dataset, shards)
+                             f"({last} is the validation shard); shard {indices[-1]} is past its end")
+        spec = plan.download_spec(cfg, args.dataset, indices)
         if args.base_url:
             spec["settings"]["base_url"] = args.base_url
         return [spec]

@@ -31,12 +31,14 @@ KEY_PATTERN = f"[0-9a-f]{{{KEY_LEN}}}"
 # The files whose content decides what a stage produces. Bookkeeping (store.py, cli.py, plan.py)
 # is left out on purpose: fixing a log line must not invalidate a 3-hour training run.
 STAGE_SOURCES = {
-    "download": ("download.py",),
-    "tokenizer": ("tokenizer.py",),
-    "pretokenize": ("pretokenize.py",),
+    # each lists every module it imports, directly or not, bookkeeping aside (tests/test_download.py checks
+    # download, tokenizer, pretokenize and bundle)
+    "download": ("download.py", "fetch.py", "shards.py"),
+    "tokenizer": ("tokenizer.py", "shards.py", "download.py", "fetch.py"),
+    "pretokenize": ("pretokenize.py", "tokenizer.py", "shards.py", "download.py", "fetch.py"),
     "train": ("train.py", "model.py", "chunked_loss.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py",
               "runtime.py"),
-    "bundle": ("bundle.py",),
+    "bundle": ("bundle.py", "fetch.py"),
     "core": ("core.py", "core_tasks.py", "evaluate.py", "model.py", "chunked_loss.py"),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
@@ -90,9 +92,19 @@ def download_spec(cfg, dataset, shards, root=PIPELINE_DIR):
     ds = cfg["datasets"][dataset]
     # base_url is where, not what: a mirror or a loopback test server yields the same shards.
     params = {"dataset": dataset, "hf_repo": ds.get("hf_repo"), "shards": list(shards)}
+    if ds.get("revision"):  # only when pinned: the keys of a dataset without one stay what they were
+        params["revision"] = ds["revision"]
     settings = {"base_url": ds["base_url"], "attempts": 5, "backoff_s": 1.0, "timeout_s": 60,
                 "max_parallel": ds["max_parallel"]}
     return make_spec("download", params, settings=settings, root=root)
+
+
+def bundle_spec(cfg, name, root=PIPELINE_DIR):
+    """The CORE bundle `name`: its url and, once pinned, its sha256 make the key (pinning re-keys it,
+    so the bundle is fetched again and checked); the name only labels messages."""
+    bundle = cfg["core_bundles"][name]
+    params = {k: bundle[k] for k in ("url", "sha256") if k in bundle}
+    return make_spec("bundle", params, settings={"name": name}, root=root)
 
 
 def shard_blocks(cfg, dataset, num_shards, val_shard=None):
@@ -192,9 +204,7 @@ def _row_plan(plan, cfg, name, row, root):
             "seeds": seeds}
     core_cfg = row["core"]
     if "bundle" in core_cfg:
-        bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
-        bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
-                                    root=root))
+        bundle = plan.add(bundle_spec(cfg, core_cfg["bundle"], root))
         cores = [plan.add(make_spec(
             "core", {k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks", "bpb_tokens")},
             [ref(train), ref(bundle), ref(tokenizer), ref(pretokenized[0]), ref(pretokenized[-1])],
@@ -207,9 +217,7 @@ def _row_plan(plan, cfg, name, row, root):
 def _hf_row_plan(plan, cfg, name, row, root):
     """A published model, evaluated as is: only the bundle and the core stage."""
     core_cfg = row["core"]
-    bundle_cfg = cfg["core_bundles"][core_cfg["bundle"]]
-    bundle = plan.add(make_spec("bundle", {k: bundle_cfg[k] for k in ("url", "sha256") if k in bundle_cfg},
-                                root=root))
+    bundle = plan.add(bundle_spec(cfg, core_cfg["bundle"], root))
     core = plan.add(make_spec(
         "core", {"hf_model": row["hf_model"], **{k: core_cfg[k] for k in ("max_per_task", "allow_missing_tasks")}},
         [ref(bundle)], settings={"row": name, "launch": row["launch"], "device_type": None,

@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import rustbpe
 import tiktoken
 
-from pipeline import cli, download, store
+from pipeline import cli, download, shards, store
 from pipeline.store import StageError
 
 # Numbers split into groups of at most 2 digits (\p{N}{1,2}, not GPT-4's {1,3}): nanochat measured a
@@ -47,19 +46,11 @@ def _refuse(path, what):
 def read_row_groups(path):
     """The `text` of each row group of one shard, as Python strings; a shard that is not what a
     nanochat shard is raises StageError naming the file and what is wrong with it."""
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for bytes that are not parquet
-        raise _refuse(path, f"not a parquet file ({e})") from e
-    if problem := download.text_column_problem(pf):
-        raise _refuse(path, problem)
-    for i in range(pf.num_row_groups):
-        try:
-            yield pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
-        except UnicodeDecodeError as e:
-            raise _refuse(path, f"row group {i} of 'text' is not valid UTF-8 ({e.reason} at byte {e.start})") from e
-        except Exception as e:
-            raise _refuse(path, f"row group {i} cannot be read ({e})") from e
+    try:  # the download stage's own check, so that every stage refuses the same files for the same reasons
+        for column in shards.text_groups(shards.open_shard(path)):
+            yield column.to_pylist()
+    except shards.ShardProblem as e:
+        raise _refuse(path, str(e)) from e
 
 
 def read_texts(path):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,19 @@ class ShardServer:
     """Serves files of a folder on 127.0.0.1, honouring Range; `faults[name]` is a list of behaviours
     used one per request ("500", "cut", "garbage", "stall", "404"), after which requests succeed.
     `pace=(chunk bytes, pause s)` sends every body in chunks with pauses, so that a download lasts long
-    enough to be killed halfway through a body."""
+    enough to be killed halfway through a body.
+    As HuggingFace does, `/resolve/<ref>/<file>` answers with the commit it serves: `revisions[ref] =
+    (commit, folder)` serves `folder/<file>` with an `X-Repo-Commit: commit` header (404 for a ref not
+    there); with `redirect`, the header rides on a 302 to `/cdn/<commit>/<file>`, which sends the bytes
+    without it. Other paths are served from `root`, without the header."""
 
     def __init__(self, root, pace=None):
         self.root = Path(root)
         self.pace = pace
         self.faults = {}
         self.requests = []  # (file name, Range header or None)
+        self.revisions = {}
+        self.redirect = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,7 +47,22 @@ class ShardServer:
                 server.requests.append((name, self.headers.get("Range")))
                 pending = server.faults.get(name) or []
                 fault = pending.pop(0) if pending else None
-                path = server.root / name
+                root, commit = server.root, None
+                parts = [urllib.parse.unquote(p) for p in self.path.split("/")]
+                if "resolve" in parts:
+                    ref = parts[parts.index("resolve") + 1]
+                    if ref not in server.revisions:
+                        return self.send_error(404, "Revision Not Found")
+                    commit, root = server.revisions[ref]
+                    if server.redirect:
+                        self.send_response(302)
+                        self.send_header("X-Repo-Commit", commit)
+                        self.send_header("Location", f"/cdn/{commit}/{name}")
+                        self.send_header("Content-Length", "0")
+                        return self.end_headers()
+                elif parts[1:2] == ["cdn"]:
+                    root = next(folder for sha, folder in server.revisions.values() if sha == parts[2])
+                path = Path(root) / name
                 if fault == "404" or not path.is_file():
                     return self.send_error(404)
                 if fault == "500":
@@ -61,6 +83,8 @@ class ShardServer:
                 else:
                     self.send_response(200)
                 body = data[start:]
+                if commit:
+                    self.send_header("X-Repo-Commit", commit)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if fault == "stall":

@@ -1,5 +1,10 @@
+import ast
+import copy
 import json
+import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import WEBTEXT
@@ -130,3 +135,207 @@ def test_cli_reports_a_permanent_failure_in_one_line(shard_server, smoke_config,
     assert rc == 2
     assert last.startswith("error: ") and "shard_00003.parquet" in last and "HTTP 404" in last
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- which revision the bytes are
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def hf_url(server):
+    """The loopback server's answer to HuggingFace's resolve URL of the webtext dataset."""
+    return f"{server.url}/datasets/team/webtext/resolve/main"
+
+
+def another_revision(folder):
+    """A copy of the shipped shards whose shard 1 holds other documents: the dataset after a commit."""
+    folder.mkdir()
+    for path in WEBTEXT.glob("shard_*.parquet"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    pq.write_table(pa.table({"text": ["a document added upstream", "and another"]}), folder / SHARD)
+    return folder
+
+
+def manifest_of(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["header", "header_on_the_redirect"])
+def test_the_revision_served_is_recorded_per_shard_and_for_the_block(shard_server, smoke_config, tmp_path,
+                                                                     redirect):
+    # HuggingFace sends X-Repo-Commit on its 302 to the CDN, whose answer has no such header
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    shard_server.redirect = redirect
+    spec = _spec(smoke_config, hf_url(shard_server))
+    download.run(spec, [], tmp_path / "out", tmp_path / "work", threads=2)
+    resolved = manifest_of(tmp_path / "out")["resolved"]
+    assert resolved["revision"] == COMMIT_A
+    assert {name: info["revision"] for name, info in resolved["shards"].items()} == {
+        f"shard_0000{i}.parquet": COMMIT_A for i in range(3)}
+    assert all(info["url"].startswith(hf_url(shard_server)) for info in resolved["shards"].values())
+
+
+@pytest.mark.parametrize("via", ["http", "path"])
+def test_a_source_that_does_not_say_is_recorded_as_unknown(shard_server, smoke_config, tmp_path, via):
+    spec = _spec(smoke_config, {"http": shard_server.url, "path": str(WEBTEXT)}[via])
+    download.run(spec, [], tmp_path / "out", tmp_path / "work", threads=2)
+    resolved = manifest_of(tmp_path / "out")["resolved"]
+    assert resolved["revision"] is None
+    assert [info["revision"] for info in resolved["shards"].values()] == [None, None, None]
+
+
+def test_a_pinned_revision_goes_into_the_url_and_the_key(shard_server, smoke_config, tmp_path):
+    unpinned = _spec(smoke_config, hf_url(shard_server))
+    # without revision: the params, and so the keys, are those of the stores made before pinning existed
+    assert unpinned["params"] == {"dataset": "webtext", "hf_repo": None, "shards": [0, 1, 2]}
+    assert unpinned["key"] == plan.make_spec("download", unpinned["params"])["key"]
+    smoke_config["datasets"]["webtext"]["revision"] = COMMIT_B
+    pinned = _spec(smoke_config, hf_url(shard_server))
+    assert pinned["params"]["revision"] == COMMIT_B and pinned["key"] != unpinned["key"]
+    # the server knows only that commit: asking for main would be a 404
+    shard_server.revisions[COMMIT_B] = (COMMIT_B, WEBTEXT)
+    download.run(pinned, [], tmp_path / "out", tmp_path / "work", threads=2)
+    resolved = manifest_of(tmp_path / "out")["resolved"]
+    assert resolved["revision"] == COMMIT_B
+    assert [info["url"] for info in resolved["shards"].values()] == [
+        f"{shard_server.url}/datasets/team/webtext/resolve/{COMMIT_B}/shard_0000{i}.parquet" for i in range(3)]
+
+
+def test_the_revision_replaces_only_the_ref_of_a_resolve_url():
+    hf = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert download.dataset_url(hf, None) == hf
+    assert download.dataset_url(hf, COMMIT_A) == hf.replace("/main", f"/{COMMIT_A}")
+    assert download.dataset_url(hf + "/data/", "v1.0") == hf.replace("/main", "/v1.0/data")
+    assert download.dataset_url(hf, "refs/convert/parquet") == hf.replace("/main", "/refs%2Fconvert%2Fparquet")
+    # a mirror or a folder has no ref to replace: it is taken to hold the pinned revision
+    assert download.dataset_url("http://mirror.local/climbmix", COMMIT_A) == "http://mirror.local/climbmix"
+    assert download.shard_url("/data/climbmix/", 7, COMMIT_A) == "/data/climbmix/shard_00007.parquet"
+
+
+@pytest.mark.fault
+def test_a_resumed_download_of_another_revision_is_refused(shard_server, smoke_config, tmp_path):
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    spec = _spec(smoke_config, hf_url(shard_server))
+    out, work = tmp_path / "out", tmp_path / "work"
+    shard_server.faults["shard_00002.parquet"] = ["500"] * 2   # shards 0 and 1 arrive, then the job dies
+    with pytest.raises(StageError):
+        download.run(spec, [], out, work, threads=2)
+    shard_server.revisions["main"] = (COMMIT_B, WEBTEXT)       # overnight, main moves on
+    shard_server.requests.clear()
+    with pytest.raises(StageError) as err:
+        download.run(spec, [], out, work, threads=2)
+    msg = str(err.value)
+    assert "shard_00002.parquet" in msg and COMMIT_A in msg and COMMIT_B in msg
+    assert f"revision: {COMMIT_A}` under datasets.webtext" in msg and f"delete {work}" in msg
+    # refused on the answer's headers: not a byte of commit B's shard was kept
+    assert shard_server.requests == [("shard_00002.parquet", None)]
+    assert sorted(p.name for p in work.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert not list(work.glob("*.part"))
+    assert not (out / "manifest.json").exists()
+    # either fix works: pin the commit the block began with (a new key) ...
+    smoke_config["datasets"]["webtext"]["revision"] = COMMIT_A
+    shard_server.revisions[COMMIT_A] = (COMMIT_A, WEBTEXT)
+    pinned = _spec(smoke_config, hf_url(shard_server))
+    download.run(pinned, [], tmp_path / "pinned", tmp_path / "pinned_work", threads=2)
+    assert manifest_of(tmp_path / "pinned")["resolved"]["revision"] == COMMIT_A
+    # ... or start the block over, all from the new commit
+    shutil.rmtree(work)
+    download.run(spec, [], out, work, threads=2)
+    assert manifest_of(out)["resolved"]["revision"] == COMMIT_B
+
+
+@pytest.mark.fault
+def test_a_partial_shard_of_another_commit_is_started_over(shard_server, tmp_path):
+    moved = another_revision(tmp_path / "moved")
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    shard_server.faults[SHARD] = ["cut"]
+    url = f"{hf_url(shard_server)}/{SHARD}"
+    with pytest.raises(StageError, match="body cut short"):
+        download.fetch_shard(url, tmp_path / SHARD, attempts=1, timeout=5)
+    assert (tmp_path / (SHARD + ".part")).stat().st_size > 0
+    shard_server.revisions["main"] = (COMMIT_B, moved)
+    shard_server.requests.clear()
+    info = download.fetch_shard(url, tmp_path / SHARD, attempts=3, backoff_s=0.01, timeout=5)
+    # the Range request shows the commit moved, so the half of A's shard is dropped, not spliced onto B's
+    assert [rng is None for _, rng in shard_server.requests] == [False, True]
+    assert info["revision"] == COMMIT_B
+    assert store.sha256_file(tmp_path / SHARD) == store.sha256_file(moved / SHARD)
+
+
+@pytest.mark.fault
+def test_a_server_that_does_not_serve_the_pinned_commit_is_refused(shard_server, smoke_config, tmp_path):
+    smoke_config["datasets"]["webtext"]["revision"] = COMMIT_A
+    shard_server.revisions[COMMIT_A] = (COMMIT_B, WEBTEXT)     # a mirror that holds another commit
+    spec = _spec(smoke_config, hf_url(shard_server))
+    with pytest.raises(StageError) as err:
+        download.run(spec, [], tmp_path / "out", tmp_path / "work", threads=2)
+    msg = str(err.value)
+    assert f"commit {COMMIT_B}, not the pinned revision {COMMIT_A} (datasets.webtext.revision" in msg
+    assert not list((tmp_path / "work").glob("*.parquet"))
+
+
+@pytest.mark.fault
+def test_repair_fetches_the_recorded_commit_after_main_moved_on(shard_server, smoke_config, tmp_path):
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    spec = _spec(smoke_config, hf_url(shard_server))
+    out = tmp_path / "out"
+    download.run(spec, [], out, tmp_path / "work", threads=2)
+    # main now serves other bytes for shard 1; the recorded commit still serves the old ones
+    shard_server.revisions.update(main=(COMMIT_B, another_revision(tmp_path / "moved")),
+                                  **{COMMIT_A: (COMMIT_A, WEBTEXT)})
+    (out / SHARD).write_bytes(b"damaged")
+    assert download.repair(out, attempts=1) == [SHARD]
+    assert store.verify(out) == []
+
+
+# ----------------------------------------------------------------------------- config and sources
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("revision, what", [
+    (123, "123 is not of type 'string'"),
+    ("", "'' does not match"),
+    ("main branch", "'main branch' does not match"),
+])
+def test_a_bad_revision_is_refused_naming_the_field(repo_config, revision, what):
+    cfg = copy.deepcopy(repo_config)
+    cfg["datasets"]["climbmix"]["revision"] = revision
+    with pytest.raises(config.ConfigError) as err:
+        config.check(cfg, source="my.yaml")
+    line = next(line for line in str(err.value).splitlines() if "datasets.climbmix.revision:" in line)
+    assert what in line and "the dataset commit to download" in line
+
+
+def test_a_pinned_revision_keys_that_dataset_only(repo_config):
+    cfg = copy.deepcopy(repo_config)
+    cfg["datasets"]["climbmix"]["revision"] = COMMIT_A
+    before, after = plan.make_plan(config.check(repo_config)), plan.make_plan(config.check(cfg))
+    assert before.rows["d24_jan29"] == after.rows["d24_jan29"]   # a FineWeb row: not a key moves
+    for stage in ("download", "tokenizer", "pretokenize", "train", "core"):
+        assert not set(before.rows["d24_climbmix"][stage]) & set(after.rows["d24_climbmix"][stage]), stage
+    assert before.rows["d24_climbmix"]["bundle"] == after.rows["d24_climbmix"]["bundle"]
+
+
+def _pipeline_imports(module):
+    """The pipeline modules `module` imports, read from its source."""
+    found = set()
+    for node in ast.walk(ast.parse((plan.PIPELINE_DIR / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+# what decides no stage's output: the plan, the runner, the store and the config check
+BOOKKEEPING = {"cli", "plan", "store", "keylock", "config"}
+
+
+@pytest.mark.parametrize("stage", ["download", "tokenizer", "pretokenize", "bundle"])
+def test_stage_sources_list_every_module_the_stage_runs(stage):
+    reached, todo = set(), [stage]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module not in BOOKKEEPING:
+            reached.add(module)
+            todo += _pipeline_imports(module)
+    assert reached == {name.removesuffix(".py") for name in plan.STAGE_SOURCES[stage]}

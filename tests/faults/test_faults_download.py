@@ -56,7 +56,7 @@ def test_connection_refused_until_the_server_restarts(tmp_path, monkeypatch):
     port, handler = server.httpd.server_address[1], server.httpd.RequestHandlerClass
     server.httpd.server_close()
     restarted = []
-    real_sleep = download.time.sleep
+    real_sleep = download.fetch.time.sleep
 
     def sleep_then_restart(seconds):
         # the first backoff is when the server comes back, on the same port
@@ -66,7 +66,7 @@ def test_connection_refused_until_the_server_restarts(tmp_path, monkeypatch):
             restarted.append(httpd)
         real_sleep(seconds)
 
-    monkeypatch.setattr(download.time, "sleep", sleep_then_restart)
+    monkeypatch.setattr(download.fetch.time, "sleep", sleep_then_restart)
     try:
         info = fetch(f"http://127.0.0.1:{port}/{SHARD}", tmp_path / SHARD)
     finally:
