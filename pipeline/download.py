@@ -114,11 +114,46 @@ class BlockRevision:
                          f"whole block again from {commit}")
 
 
+def reuse_unpinned(spec, out, work):
+    """Pinning a revision re-keys a block. If the block was downloaded under its unpinned key (a sibling
+    of `out` in the store) and that manifest records the very commit now pinned, its shards are those
+    bytes: link them into the work directory rather than fetch them again. Returns (that key, the names
+    reused), or (None, [])."""
+    pinned = spec["params"].get("revision")
+    if not is_commit(pinned):
+        return None, []
+    unpinned = {k: v for k, v in spec["params"].items() if k != "revision"}
+    earlier = Path(out).parent / plan.make_spec("download", unpinned)["key"]
+    if not (earlier / store.MANIFEST).is_file():
+        return None, []
+    manifest = store.read_manifest(earlier)
+    if manifest["resolved"].get("revision") != pinned:
+        return None, []
+    reused = []
+    for name, record in sorted(manifest["outputs"].items()):
+        dest = work / name
+        if dest.exists() or store.mismatch(earlier / name, record) is not None:
+            continue  # already here, or damaged there: fetched as usual
+        tmp = work / f".{name}.reuse"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(earlier / name, tmp)
+        except OSError:  # another filesystem
+            shutil.copyfile(earlier / name, tmp)
+        fetch.record_revision(dest, pinned)
+        os.replace(tmp, dest)
+        reused.append(name)
+    if reused:
+        print(f"{earlier}: {len(reused)} shards of commit {pinned} reused, not fetched again", file=sys.stderr)
+    return earlier.name, reused
+
+
 def run(spec, inputs, out, work, threads):
     params, settings = spec["params"], spec["settings"]
     work.mkdir(parents=True, exist_ok=True)
     started = store.now_iso()
     names = [shard_name(i) for i in params["shards"]]
+    reused_from, reused = reuse_unpinned(spec, out, work)
     revision = BlockRevision(spec, work)
     for name in names:  # shards of an earlier, killed run set the block's commit before any new one is fetched
         if (work / name).exists():
@@ -161,8 +196,10 @@ def run(spec, inputs, out, work, threads):
         f"revision {revision.commit}" if revision.commit else
         "revision unknown (the server did not say which commit it served: a mirror or a local folder)"),
         file=sys.stderr)
-    store.seal(spec, names, work, out, resolved={"shards": fetched, "revision": revision.commit},
-               started_at=started)
+    resolved = {"shards": fetched, "revision": revision.commit}
+    if reused:
+        resolved["reused"] = {"from_key": reused_from, "shards": reused}
+    store.seal(spec, names, work, out, resolved=resolved, started_at=started)
 
 
 def check_intact(directory):

@@ -58,7 +58,8 @@ def served_revision(dest):
         return None
 
 
-def _record_revision(dest, revision):
+def record_revision(dest, revision):
+    """Say that the bytes of `dest` (or of its `.part`) came from commit `revision` (None: unknown)."""
     store.write_json(_source_file(dest), {"revision": revision})
 
 
@@ -79,7 +80,7 @@ def _fetch_local(src, dest, part, progress, accept_revision):
         part.unlink()
         have = 0
     if not have:
-        _record_revision(dest, None)
+        record_revision(dest, None)
     with open(src, "rb") as fin, open(part, "ab") as fout:
         fin.seek(have)
         while block := fin.read(CHUNK):
@@ -108,7 +109,7 @@ def _fetch_http(url, dest, part, progress, timeout, accept_revision, missing_fix
                 mode = "ab"
             else:  # 200: a fresh start, or the server ignored Range
                 mode = "wb"
-                _record_revision(dest, revision)
+                record_revision(dest, revision)
             expected = r.headers.get("Content-Length")
             got = 0
             with open(part, mode) as f:

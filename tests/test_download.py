@@ -288,6 +288,28 @@ def test_repair_fetches_the_recorded_commit_after_main_moved_on(shard_server, sm
     assert store.verify(out) == []
 
 
+def test_pinning_the_recorded_commit_reuses_the_block_downloaded_before(shard_server, smoke_config, tmp_path):
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    unpinned = _spec(smoke_config, hf_url(shard_server))
+    download.run(unpinned, [], store.store_dir(unpinned, tmp_path / "store"), tmp_path / "w1", threads=2)
+    smoke_config["datasets"]["webtext"]["revision"] = COMMIT_A    # the commit its manifest recorded
+    pinned = _spec(smoke_config, hf_url(shard_server))
+    shard_server.requests.clear()
+    out = store.store_dir(pinned, tmp_path / "store")
+    download.run(pinned, [], out, tmp_path / "w2", threads=2)
+    assert shard_server.requests == []                            # the same bytes: nothing fetched again
+    resolved = manifest_of(out)["resolved"]
+    assert resolved["revision"] == COMMIT_A and resolved["reused"]["from_key"] == unpinned["key"]
+    assert manifest_of(out)["outputs"] == manifest_of(store.store_dir(unpinned, tmp_path / "store"))["outputs"]
+    # a pin of another commit than the one recorded reuses nothing
+    smoke_config["datasets"]["webtext"]["revision"] = COMMIT_B
+    shard_server.revisions[COMMIT_B] = (COMMIT_B, WEBTEXT)
+    other = _spec(smoke_config, hf_url(shard_server))
+    out = store.store_dir(other, tmp_path / "store")
+    download.run(other, [], out, tmp_path / "w3", threads=2)
+    assert len(shard_server.requests) == 3 and "reused" not in manifest_of(out)["resolved"]
+
+
 # ----------------------------------------------------------------------------- config and sources
 
 @pytest.mark.bad_input
