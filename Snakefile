@@ -36,6 +36,7 @@ localrules:
     token_shards,
     train_summary,
     publish_row,
+    run_config,
     report,
 
 

@@ -19,7 +19,13 @@ executor only counts `gpu` (against a profile's `resources: gpu=N`), `mem_mb` an
 
 A value of None leaves the resource unset (Snakemake drops it), which is how a one-node job avoids
 declaring `mpi`: the jobstep plugin looks at whether the key exists, not at its value.
+
+On SLURM, the threads are also fitted to the partition's nodes (`fit_cpus`, from what `sinfo` says)
+before anything is submitted: sbatch would refuse a job asking for more CPUs than any node has with
+only "More processors requested than permitted".
 """
+
+import subprocess
 
 from pipeline import launch
 
@@ -73,3 +79,67 @@ def _accelerated(stage, spec, threads):
     else:
         res.update(gres=f"gpu:{nproc}", mpi="srun", tasks=nodes, tasks_per_gpu=0)
     return res
+
+
+# ----------------------------------------------------------------------------- fitting a job to SLURM's nodes
+
+# One line per node and partition: the partition's name (sinfo marks the default one with *), the node's CPUs.
+SINFO_ARGV = ["sinfo", "--noheader", "--Node", "--format=%P|%c"]
+PROFILE = "workflow/profiles/slurm/config.v8+.yaml"
+
+
+class SlurmFitError(Exception):
+    """A job that no node of its partition can hold, or a partition SLURM does not know: one line, with the fix."""
+
+
+def partition_cpus(sinfo_text):
+    """({partition: CPUs of its biggest node}, default partition or None) from the output of SINFO_ARGV."""
+    cpus, default = {}, None
+    for line in sinfo_text.splitlines():
+        if not line.strip():
+            continue
+        name, _, count = line.strip().partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        # a node that is down may report its CPUs as "0"; it simply adds nothing
+        cpus[name] = max(cpus.get(name, 0), int(count.rstrip("+")))
+    return cpus, default
+
+
+def least_cpus(stage, spec):
+    """The fewest CPUs per node a job can run on: one per GPU process for training and CORE, else one."""
+    if stage in ("train", "core") and launch.gpus(spec):
+        return spec["settings"]["launch"]["nproc_per_node"]
+    return 1
+
+
+def fit_cpus(rule, wanted, least, partition, cpus, default):
+    """CPUs per node to ask SLURM for: `wanted`, cut to what the partition's biggest node has; a
+    SlurmFitError when the partition is unknown or even `least` would not fit, since sbatch would
+    otherwise refuse with only "More processors requested than permitted"."""
+    where = f"set default-resources: slurm_partition in {PROFILE}"
+    name = partition or default
+    if name is None:
+        raise SlurmFitError(f"rule {rule}: SLURM has no default partition (sinfo marks none with *): {where}")
+    if name not in cpus:
+        raise SlurmFitError(f"rule {rule}: slurm_partition {name!r} is not a partition sinfo knows "
+                            f"({', '.join(sorted(cpus)) or 'none'}): {where} to one of them")
+    most = cpus[name]
+    if most < least:
+        raise SlurmFitError(f"rule {rule}: needs at least {least} CPUs per node (one per GPU process) but the "
+                            f"nodes of partition {name!r} have at most {most} (sinfo): {where} to a partition "
+                            f"with bigger nodes, or lower the row's launch.nproc_per_node")
+    return min(wanted, most)
+
+
+def slurm_partitions(run=subprocess.run):
+    """partition_cpus of this cluster, asked of sinfo; a SlurmFitError if sinfo cannot answer."""
+    try:
+        out = run(SINFO_ARGV, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SlurmFitError(f"cannot ask SLURM for its partitions ({' '.join(SINFO_ARGV)}: {e}); run Snakemake "
+                            "where sinfo works (the submit host)") from None
+    if out.returncode != 0:
+        raise SlurmFitError(f"cannot ask SLURM for its partitions ({' '.join(SINFO_ARGV)}: "
+                            f"{out.stderr.strip() or 'exit ' + str(out.returncode)})")
+    return partition_cpus(out.stdout)

@@ -18,7 +18,9 @@ from conftest import REPO, ShardServer, snakemake_cmd, unlocked, write_config
 from pipeline import config, launch, plan, resources
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
-ENV = {**os.environ, "WANDB_MODE": "disabled"}
+# Snakemake's jobs run `python` from PATH: the venv running these tests, as for a user who activated it
+ENV = {**os.environ, "WANDB_MODE": "disabled",
+       "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 SLURM_RULES = {"download": 2, "tokenizer": 1, "pretokenize": 2, "train": 1, "bundle": 1, "core": 1}
 
 
@@ -146,6 +148,60 @@ def test_every_stage_of_every_row_has_resources():
     tok_small = resources.job("tokenizer", row_spec("tokenizer", "smoke"), 2)["mem_mb"]
     tok_big = resources.job("tokenizer", row_spec("tokenizer", "d26_fp8"), 16)["mem_mb"]
     assert tok_small < 5000 < 30000 < tok_big  # sized by max_chars: 8M vs 2B characters
+
+
+# --- fitting a job to the partition's nodes (what sinfo reports) -------------------------------------
+
+SINFO = "gpu|32\ngpu|32\ngpu|24\ncpu*|8\ncpu*|0\ndebug|2\n"   # `sinfo --noheader --Node --format=%P|%c`
+
+
+def test_sinfo_gives_each_partitions_biggest_node_and_the_default():
+    assert resources.partition_cpus(SINFO) == ({"gpu": 32, "cpu": 8, "debug": 2}, "cpu")
+    assert resources.partition_cpus("") == ({}, None)
+
+
+def test_a_request_is_cut_to_the_biggest_node_of_its_partition():
+    cpus, default = resources.partition_cpus(SINFO)
+    assert resources.fit_cpus("train", 64, 8, "gpu", cpus, default) == 32
+    assert resources.fit_cpus("tokenizer", 16, 1, None, cpus, default) == 8   # the default partition
+    assert resources.fit_cpus("download", 2, 1, "gpu", cpus, default) == 2    # fits: unchanged
+
+
+@pytest.mark.bad_input
+def test_what_no_node_can_hold_stops_with_what_to_set():
+    cpus, default = resources.partition_cpus(SINFO)
+    spec = row_spec("train", "d26_fp8")
+    assert resources.least_cpus("train", spec) == 8 and resources.least_cpus("tokenizer", spec) == 1
+    with pytest.raises(resources.SlurmFitError) as e:
+        resources.fit_cpus("train", 64, resources.least_cpus("train", spec), "debug", cpus, default)
+    assert str(e.value) == ("rule train: needs at least 8 CPUs per node (one per GPU process) but the nodes of "
+                            "partition 'debug' have at most 2 (sinfo): set default-resources: slurm_partition in "
+                            "workflow/profiles/slurm/config.v8+.yaml to a partition with bigger nodes, or lower "
+                            "the row's launch.nproc_per_node")
+    with pytest.raises(resources.SlurmFitError, match=r"slurm_partition 'gpus' is not a partition sinfo knows "
+                                                      r"\(cpu, debug, gpu\): set default-resources"):
+        resources.fit_cpus("train", 64, 8, "gpus", cpus, default)
+    with pytest.raises(resources.SlurmFitError, match="no default partition"):
+        resources.fit_cpus("core", 8, 1, None, {"gpu": 32}, None)
+
+
+@pytest.mark.bad_input
+def test_sinfo_that_cannot_answer_is_one_line():
+    def failing(argv, **kw):
+        assert argv == resources.SINFO_ARGV
+        return SimpleNamespace(returncode=1, stdout="", stderr="slurm_load_partitions: Unable to contact slurm "
+                                                                "controller (connect failure)")
+
+    with pytest.raises(resources.SlurmFitError, match="Unable to contact slurm controller"):
+        resources.slurm_partitions(run=failing)
+
+    def missing(argv, **kw):
+        raise FileNotFoundError(2, "No such file or directory", "sinfo")
+
+    with pytest.raises(resources.SlurmFitError, match="run Snakemake where sinfo works"):
+        resources.slurm_partitions(run=missing)
+    answering = resources.slurm_partitions(run=lambda argv, **kw: SimpleNamespace(returncode=0, stdout=SINFO))
+    assert answering == ({"gpu": 32, "cpu": 8, "debug": 2}, "cpu")
 
 
 class _Resources(dict):
@@ -368,3 +424,24 @@ def test_the_multinode_wrapper_starts_torchrun_through_srun_for_real(slurm_clust
     assert "pipeline.launch: srun --nodes=1 --ntasks=1 --ntasks-per-node=1" in text
     assert f"--rdzv_endpoint=localhost:29533 --rdzv_id={job_id}" in text
     assert sorted(re.findall(r"rank (\d)/2 sum=1 OMP_NUM_THREADS=1", text)) == ["0", "1"], text
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submitted(slurm_cluster, tmp_path):
+    """The wiring: under the SLURM executor, each job's CPUs go through sinfo before sbatch; a wrong
+    slurm_partition ends the run with the one line that says what to set, and no job reaches SLURM."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
+    write_config(tmp_path, cfg)
+    before = set(squeue_all())
+    out = subprocess.run(
+        ["timeout", "-k", "10", "120", *snakemake_cmd(
+            tmp_path, "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",
+            "--default-resources", "slurm_partition=no_such_queue", "results/smoke/token_shards.json", cores=None)],
+        capture_output=True, text=True, env=ENV)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "slurm_partition 'no_such_queue' is not a partition sinfo knows" in text, text[-3000:]
+    assert "set default-resources: slurm_partition in workflow/profiles/slurm/config.v8+.yaml" in text
+    assert "submitted with SLURM jobid" not in text and set(squeue_all()) == before

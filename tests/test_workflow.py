@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ENV, REPO, snakemake, snakemake_cmd, unlocked, write_config
-from pipeline import store
+from pipeline import config, store
 
 pytestmark = pytest.mark.slow
 def kill_snakemake_once(workdir, target, started, timeout):
@@ -165,3 +166,96 @@ def test_a_row_with_seeds_trains_and_evaluates_once_per_seed(smoke_run):
     md = (work / "reports" / "leaderboard.md").read_text()   # drawn after the seeds' results, in the same run
     row = r"^\| smoke_seeds \| 0\.\d\d \| [0-9.]+ \| -?[0-9.]+ ± [0-9.]+ \(2 seeds\) \(partial"
     assert re.search(row, md, re.M), md
+
+
+# ----------------------------------------------------------------------------- the report, as a user expects it
+
+def jobs_planned(out):
+    return set(re.findall(r"^(?:local)?rule (\w+):", out.stdout, re.M))
+
+
+def test_the_page_alone_never_trains_and_report_rows_makes_it_wait_for_named_rows(tmp_path):
+    """Without report.rows the page is drawn from the rows that have results (here none) and plans nothing
+    else; report.rows names rows the page waits for, which a run for the page then builds."""
+    write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    alone = snakemake(tmp_path, "-n", "reports/leaderboard.md")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert jobs_planned(alone) == {"run_config", "report"}
+    named = snakemake(tmp_path, "-n", "reports/leaderboard.md", "--config", "report={rows: [d26_fp8]}")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert {"download", "tokenizer", "pretokenize", "train", "core", "publish_row", "train_summary",
+            "report"} <= jobs_planned(named)
+    bad = snakemake(tmp_path, "-n", "reports/leaderboard.md", "--config", "report={rows: [d26_fp9]}")
+    assert bad.returncode != 0
+    assert "report.rows names 'd26_fp9', not rows of the config" in bad.stdout + bad.stderr
+
+
+@pytest.mark.bad_input
+def test_a_config_override_reaches_the_page_and_jobs_run_only_this_checkouts_pipeline(tmp_path):
+    """`--config` changes what the page shows (the report reads the config Snakemake holds, written to
+    results/configs/<digest>.json); a job whose `python` lacks this checkout's pipeline stops with the fix."""
+    cfg = write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    override = ("--config", 'rows={d12: {description: "d12, as this run overrides it"}}')
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system and subprocess.run([system, "-I", "-c", "import pipeline"], capture_output=True).returncode != 0:
+        bin_dir = tmp_path / "other-python"
+        bin_dir.mkdir()
+        (bin_dir / "python").symlink_to(system)
+        env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}"}
+        wrong = subprocess.run(snakemake_cmd(tmp_path, "reports/leaderboard.md"), capture_output=True, text=True,
+                               env=env, timeout=300)
+        assert wrong.returncode != 0
+        assert (f"this job's python ({bin_dir / 'python'}) does not import pipeline from {REPO}: run Snakemake "
+                "from that checkout's environment (scripts/setup, then . .venv/bin/activate)") in wrong.stderr
+    out = snakemake(tmp_path, "reports/leaderboard.md", *override)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert set(re.findall(r"^(?:local)?rule (\w+):", out.stdout + out.stderr, re.M)) == {"run_config", "report"}
+    md = (tmp_path / "reports" / "leaderboard.md").read_text()
+    assert "| d12 | not run | - | - | d12, as this run overrides it |" in md
+    assert "d12, as this run overrides it" in (tmp_path / "reports" / "leaderboard.html").read_text()
+    cfg["rows"]["d12"]["description"] = "d12, as this run overrides it"
+    # the config the report read: the checked one Snakemake held, named by its digest
+    newest = max((tmp_path / "results" / "configs").glob("*.json"), key=lambda f: f.stat().st_mtime)
+    assert json.loads(newest.read_text()) == config.check(cfg)
+    again = snakemake(tmp_path, "-n", "reports/leaderboard.md", *override)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+# ----------------------------------------------------------------------------- the workflow catalog's layout
+
+def schema_fields(node, path=""):
+    """Every property the config schema declares, as a dotted path (`rows.<name>.train.depth`)."""
+    fields = []
+    for name, sub in (node.get("properties") or {}).items():
+        fields.append(f"{path}{name}")
+        fields += schema_fields(sub, f"{path}{name}.")
+    if isinstance(node.get("additionalProperties"), dict):
+        fields += schema_fields(node["additionalProperties"], f"{path}<name>.")
+    return fields
+
+
+def test_config_readme_describes_every_field_of_the_schema():
+    readme = (REPO / "config" / "README.md").read_text()
+    fields = schema_fields(config.schema())
+    assert "rows.<name>.train.depth" in fields and "report.gpu_hour_usd" in fields
+    # each field is a row of its section's table: | `name` | ...
+    sections = {}
+    for section in re.split(r"^#+ ", readme, flags=re.M)[1:]:
+        title, _, body = section.partition("\n")
+        sections[title.strip().strip("`")] = set(re.findall(r"^\| `([a-z0-9_]+)` \|", body, re.M))
+    missing = [f for f in fields if f.rpartition(".")[2] not in sections.get(f.rpartition(".")[0] or "Top level", ())]
+    assert missing == [], f"config/README.md does not describe {missing} (add a row to its section's table)"
+
+
+def test_the_workflow_catalog_finds_its_files():
+    catalog = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())
+    stack = catalog["usage"]["software-stack-deployment"]
+    assert stack["conda"] is True and stack["report"] is True
+    for env in ("environment.yaml", "environment-hf.yaml"):
+        assert (REPO / "workflow" / "envs" / env).is_file()
+    assert not (REPO / "envs").exists()
+    # Snakemake looks for the default workflow profile in profiles/ beside the Snakefile: the link keeps it found
+    assert (REPO / "profiles" / "default").resolve() == (REPO / "workflow" / "profiles" / "default").resolve()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        for env in re.findall(r'CONDA_ENV\w* = "([^"]+)"', smk.read_text()):
+            assert (smk.parent / env).resolve().is_file(), (smk.name, env)

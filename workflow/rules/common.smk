@@ -1,13 +1,19 @@
 # Shared by every rule: the checked config, the plan (the only source of store keys) and helpers
 # that turn a {key} wildcard into the spec, inputs and command line of its stage.
+import hashlib
 import json
 import os
+import pathlib
 import re
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
 
-sys.path.insert(0, workflow.basedir)  # `pipeline` imports from the checkout without an install
+# The plan's keys digest the sources of `pipeline`, so they must be this checkout's, whatever else the
+# interpreter running Snakemake has installed: its imports come from the checkout first. Only this
+# process's import path is touched; jobs get no PATH or PYTHONPATH from here (see shell.prefix below).
+sys.path.insert(0, workflow.basedir)
 from pipeline import config as pipeline_config  # noqa: E402
 from pipeline import launch as pipeline_launch  # noqa: E402
 from pipeline import plan as pipeline_plan  # noqa: E402
@@ -19,22 +25,42 @@ except pipeline_config.ConfigError as e:
     raise WorkflowError(str(e)) from None
 
 PLAN = pipeline_plan.make_plan(CFG)
+# the checked config as the report job reads it, and a digest that names it
+CFG_JSON = json.dumps(CFG, sort_keys=True, indent=1)
+CFG_DIGEST = hashlib.sha256(CFG_JSON.encode()).hexdigest()[:16]
 STORE = CFG["store_dir"]
 WORK = CFG["work_dir"]
 LOGS = "results/logs"
 BENCHMARKS = "results/benchmarks"
-CONDA_ENV = "../../envs/environment.yaml"
-CONDA_ENV_HF = "../../envs/environment-hf.yaml"  # + transformers, for a published HuggingFace model
-# Jobs run `python` from the environment running Snakemake, even when it is not activated (a
-# --software-deployment-method conda job puts its own environment first again) ...
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-# ... and import `pipeline` from this checkout, the one whose sources the keys were computed from.
-os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
+CONDA_ENV = "../envs/environment.yaml"
+CONDA_ENV_HF = "../envs/environment-hf.yaml"  # + transformers, for a published HuggingFace model
 
+unknown = [r for r in CFG["report"].get("rows") or [] if r not in PLAN.rows]
+if unknown:
+    raise WorkflowError(
+        f"report.rows names {', '.join(map(repr, unknown))}, not rows of the config: list rows from rows: "
+        f"({', '.join(PLAN.rows)}), or leave report.rows out to show the rows that have results"
+    )
 
-envvars:
-    "PATH",
-    "PYTHONPATH",
+# Every job runs `python -m pipeline.<stage>` (and torchrun) from its own environment: the activated
+# .venv of scripts/setup, or the conda env of workflow/envs/ (which installs this checkout, -e ../..).
+# Before its command, a job checks that this python imports `pipeline` from this very checkout, so a
+# job never runs other sources than the ones its key was computed from; if not, one line says what to do.
+CHECKOUT_CHECK = (
+    "import os, sys, pipeline; here = os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__))); "
+    "sys.exit(0 if os.path.samefile(here, sys.argv[1]) else 'this python imports pipeline from %s' % here)"
+)
+CHECKOUT_FIX = (
+    '"this job\'s python ($(command -v python || echo none)) does not import pipeline from "'
+    f"{shlex.quote(workflow.basedir)}"
+    "\": run Snakemake from that checkout's environment (scripts/setup, then . .venv/bin/activate) or with"
+    ' --software-deployment-method conda"'
+)
+# (Snakemake formats the prefix like a command, so no braces in it; `set -euo pipefail` is its default.)
+shell.prefix(
+    f"set -euo pipefail; python -I -c {shlex.quote(CHECKOUT_CHECK)} {shlex.quote(workflow.basedir)}"
+    f" || (echo {CHECKOUT_FIX} >&2; exit 1); "
+)
 
 
 wildcard_constraints:
@@ -66,9 +92,43 @@ def row_dirs(stage):
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
 
 
+def slurm_partition():
+    """The partition the profile sends jobs to (default-resources: slurm_partition), or None for SLURM's default."""
+    for arg in getattr(workflow.resource_settings.default_resources, "args", None) or []:
+        name, _, value = arg.partition("=")
+        if name.strip() == "slurm_partition":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+SLURM_NODES = {}  # sinfo's answer, asked once per run
+
+
 def job_threads(stage):
-    """Threads function: the CPUs a stage's job would like (Snakemake caps them by --cores / --max-threads)."""
-    return lambda w: pipeline_resources.threads(stage, PLAN.spec(stage, w.key))
+    """Threads function: the CPUs a stage's job would like (Snakemake caps them by --cores / --max-threads).
+    Submitting to SLURM, they are fitted to the partition's biggest node first, or the run stops with what
+    to set (pipeline.resources.fit_cpus): sbatch would only say "More processors requested than permitted"."""
+
+    def threads(w):
+        spec = PLAN.spec(stage, w.key)
+        wanted = pipeline_resources.threads(stage, spec)
+        if getattr(workflow.executor_plugin, "name", None) != "slurm":  # local, dry run, or inside a SLURM job
+            return wanted
+        try:
+            if not SLURM_NODES:
+                SLURM_NODES["cpus"], SLURM_NODES["default"] = pipeline_resources.slurm_partitions()
+            return pipeline_resources.fit_cpus(
+                stage,
+                wanted,
+                pipeline_resources.least_cpus(stage, spec),
+                slurm_partition(),
+                SLURM_NODES["cpus"],
+                SLURM_NODES["default"],
+            )
+        except pipeline_resources.SlurmFitError as e:
+            raise WorkflowError(str(e)) from None
+
+    return threads
 
 
 def job_resources(stage):
@@ -80,16 +140,20 @@ def job_resources(stage):
     return {name: one(name) for name in pipeline_resources.NAMES}
 
 
-def existing_rows(filename, under="results"):
-    """Rows that have <under>/<row>/<filename>, looked up where this run keeps its files: the default
-    storage provider's prefix when there is one (--default-storage-provider), else the working directory."""
-    pattern, files = f"{under}/{{row}}/{filename}", None
-    provider = workflow.storage_registry.default_storage_provider
-    if provider is not None:
-        obj = provider.object(f"{workflow.storage_settings.default_storage_prefix.rstrip('/')}/{pattern}")
-        # the listing, not glob_wildcards(storage object): with the fs plugin that passes Paths to re.match
-        pattern, files = obj.query, [str(f) for f in obj.list_candidate_matches()]
-    return sorted(r for r in glob_wildcards(pattern, files=files).row if "/" not in r)
+def requested_rows():
+    """Rows whose published files this run was asked for: Snakemake's targets (DAGSettings.targets of
+    its API), or rule all's when none were named. A run that makes a row and draws the page waits for
+    the row; a run that only draws the page trains nothing."""
+    settings = getattr(workflow, "dag_settings", None)
+    if not hasattr(settings, "targets"):
+        raise WorkflowError(
+            "this Snakemake does not say which files the run was asked for, so the report cannot wait for "
+            "them: name the rows the page waits for in the config's report.rows"
+        )
+    targets = {str(t) for t in settings.targets} or {"all"}
+    if "all" in targets:  # the rule, named or implied
+        targets |= set(DEFAULT_TARGETS)
+    return {m[1] for t in targets if (m := re.fullmatch(r"results/([^/]+)/(core|train_summary)\.json", t))}
 
 
 # a published file and the one that the report reads beside it
@@ -97,12 +161,24 @@ COMPANION = {"core.json": "manifest.json", "train_summary.json": "metrics.jsonl"
 
 
 def report_rows(wildcards):
-    """Row files the leaderboard reads: those already there, and those this very run was asked for
-    (else a run that trains a row and rebuilds the page would draw the page first, without the row)."""
-    targets = getattr(workflow.dag_settings, "targets", None) or DEFAULT_TARGETS  # snakemake 9's CLI targets
-    files = {str(t) for t in targets if re.fullmatch(r"results/[^/]+/(core|train_summary)\.json", str(t))}
-    for name in COMPANION:
-        files |= {f"results/{row}/{name}" for row in existing_rows(name)}
-        files |= {f"results/imported/{row}/{name}" for row in existing_rows(name, "results/imported")}
+    """The row files the leaderboard reads and waits for. With report.rows: those rows' files (made if
+    missing). Without: every published file that exists where this run keeps its files (Snakemake's
+    exists(): the working directory, or the default storage provider's prefix), under results/ or
+    results/imported/, and the files of the rows this run was asked for. Never a row nobody asked for."""
+    listed = CFG["report"].get("rows")
+    asked = set(listed) if listed is not None else requested_rows()
+    files = set()
+    for row in PLAN.rows if listed is None else listed:
+        # a row without training (a published HuggingFace model) publishes only core.json
+        names = [n for n in COMPANION if n == "core.json" or PLAN.rows[row].get("train")]
+        if row in asked:
+            files |= {f"results/{row}/{name}" for name in names}
+        else:
+            files |= {
+                f"{under}/{row}/{name}"
+                for under in ("results", "results/imported")
+                for name in names
+                if exists(f"{under}/{row}/{name}")
+            }
     files |= {os.path.join(os.path.dirname(f), COMPANION[os.path.basename(f)]) for f in files}
     return sorted(files)

@@ -2,9 +2,6 @@ rule bundle:
     """The CORE eval bundle: fetched (checksum recorded), unpacked, sealed."""
     output:
         directory(f"{STORE}/bundle/{{key}}"),
-    params:
-        spec=spec_json("bundle"),
-        work=WORK,
     log:
         f"{LOGS}/bundle/{{key}}.log",
     benchmark:
@@ -14,6 +11,9 @@ rule bundle:
     threads: job_threads("bundle")
     resources:
         **job_resources("bundle"),
+    params:
+        spec=spec_json("bundle"),
+        work=WORK,
     shell:
         "python -m pipeline.bundle --spec {params.spec:q} --out {output:q} --work {params.work:q} > {log} 2>&1"
 
@@ -24,10 +24,6 @@ rule core:
         spec_inputs("core"),
     output:
         directory(f"{STORE}/core/{{key}}"),
-    params:
-        command=lambda w, input, output, threads: pipeline_launch.core_command(
-            PLAN.spec("core", w.key), input, output, WORK, threads
-        ),
     log:
         f"{LOGS}/core/{{key}}.log",
     benchmark:
@@ -37,6 +33,10 @@ rule core:
     threads: job_threads("core")
     resources:
         **job_resources("core"),
+    params:
+        command=lambda w, input, output, threads: pipeline_launch.core_command(
+            PLAN.spec("core", w.key), input, output, WORK, threads
+        ),
     shell:
         "{params.command} > {log} 2>&1"
 
@@ -48,6 +48,10 @@ rule publish_row:
     output:
         core="results/{row}/core.json",
         manifest="results/{row}/manifest.json",
+    log:
+        f"{LOGS}/publish_row/{{row}}.log",
+    conda:
+        CONDA_ENV
     params:
         # the paths this job sees (under .snakemake/storage/ with a storage provider), tagged with their stage
         stages=lambda w, input: " ".join(
@@ -55,10 +59,6 @@ rule publish_row:
         ),
         out=lambda w, output: os.path.dirname(output.core),
         command=lambda w: f"snakemake --cores all results/{w.row}/core.json",
-    log:
-        f"{LOGS}/publish_row/{{row}}.log",
-    conda:
-        CONDA_ENV
     shell:
         "python -m pipeline.publish row --row {wildcards.row} --out {params.out:q}"
         " --command {params.command:q} {params.stages} > {log} 2>&1"

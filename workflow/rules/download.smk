@@ -2,9 +2,6 @@ rule download:
     """A block of parquet shards, fetched in parallel, verified, resumable."""
     output:
         directory(f"{STORE}/download/{{key}}"),
-    params:
-        spec=spec_json("download"),
-        work=WORK,
     log:
         f"{LOGS}/download/{{key}}.log",
     benchmark:
@@ -14,6 +11,9 @@ rule download:
     threads: job_threads("download")
     resources:
         **job_resources("download"),
+    params:
+        spec=spec_json("download"),
+        work=WORK,
     shell:
         "python -m pipeline.download --spec {params.spec:q} --out {output:q}"
         " --work {params.work:q} --threads {threads} > {log} 2>&1"

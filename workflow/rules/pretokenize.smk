@@ -4,9 +4,6 @@ rule pretokenize:
         spec_inputs("pretokenize"),
     output:
         directory(f"{STORE}/pretokenize/{{key}}"),
-    params:
-        spec=spec_json("pretokenize"),
-        work=WORK,
     log:
         f"{LOGS}/pretokenize/{{key}}.log",
     benchmark:
@@ -16,6 +13,9 @@ rule pretokenize:
     threads: job_threads("pretokenize")
     resources:
         **job_resources("pretokenize"),
+    params:
+        spec=spec_json("pretokenize"),
+        work=WORK,
     shell:
         "python -m pipeline.pretokenize --spec {params.spec:q} --out {output:q}"
         " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"

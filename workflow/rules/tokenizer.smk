@@ -4,9 +4,6 @@ rule tokenizer:
         spec_inputs("tokenizer"),
     output:
         directory(f"{STORE}/tokenizer/{{key}}"),
-    params:
-        spec=spec_json("tokenizer"),
-        work=WORK,
     log:
         f"{LOGS}/tokenizer/{{key}}.log",
     benchmark:
@@ -16,6 +13,9 @@ rule tokenizer:
     threads: job_threads("tokenizer")
     resources:
         **job_resources("tokenizer"),
+    params:
+        spec=spec_json("tokenizer"),
+        work=WORK,
     shell:
         "RAYON_NUM_THREADS={threads} python -m pipeline.tokenizer --spec {params.spec:q} --out {output:q}"
         " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"

@@ -4,10 +4,6 @@ rule train:
         spec_inputs("train"),
     output:
         directory(f"{STORE}/train/{{key}}"),
-    params:
-        command=lambda w, input, output, threads: pipeline_launch.train_command(
-            PLAN.spec("train", w.key), input, output, WORK, threads
-        ),
     log:
         f"{LOGS}/train/{{key}}.log",
     benchmark:
@@ -17,6 +13,10 @@ rule train:
     threads: job_threads("train")
     resources:
         **job_resources("train"),
+    params:
+        command=lambda w, input, output, threads: pipeline_launch.train_command(
+            PLAN.spec("train", w.key), input, output, WORK, threads
+        ),
     shell:
         "{params.command} > {log} 2>&1"
 
