@@ -74,7 +74,8 @@ def flake_pins():
     reqs = list(project["dependencies"])
     for extra in wheel_lock()["extras"]:
         assert extra in project.get("optional-dependencies", {}), (
-            f"workflow/envs/wheels.json locks the extra {extra!r}, which pyproject.toml lacks: rerun workflow/envs/lock-wheels"
+            f"workflow/envs/wheels.json locks the extra {extra!r}, which pyproject.toml lacks: "
+            "rerun workflow/envs/lock-wheels"
         )
         reqs += project["optional-dependencies"][extra]
     return parse_pins(reqs, "pyproject.toml")
