@@ -174,6 +174,7 @@ def jobs_planned(out):
     return set(re.findall(r"^(?:local)?rule (\w+):", out.stdout, re.M))
 
 
+@pytest.mark.bad_input
 def test_the_page_alone_never_trains_and_report_rows_makes_it_wait_for_named_rows(tmp_path):
     """Without report.rows the page is drawn from the rows that have results (here none) and plans nothing
     else; report.rows names rows the page waits for, which a run for the page then builds."""
