@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import bundle, cli, core_tasks, evaluate, plan, store, tokenizer
+from pipeline import bundle, cli, core_tasks, evaluate, hf, plan, store, tokenizer
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
@@ -187,35 +187,23 @@ def setup_device():
     return setup("")[:4]  # the allocator is tuned for eval too
 
 
-class HFCausalLM(torch.nn.Module):
-    """A HuggingFace causal LM (e.g. openai-community/gpt2-xl, or a local folder) behind the same
-    call as ours: token ids in, logits out; prompts longer than its positions are cropped."""
-
-    def __init__(self, name_or_path, device):
-        super().__init__()
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError as e:
-            raise StageError("evaluating a HuggingFace model needs transformers: pip install -e '.[hf]'") from e
-        self.model = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
-        config = self.model.config
-        self.sequence_len = getattr(config, "n_positions", None) or config.max_position_embeddings
-
-    def forward(self, ids):
-        return self.model(ids).logits
+HFCausalLM = hf.HFCausalLM
 
 
 def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None):
-    """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a HF model with
-    its tiktoken tokenizer (GPT-2's: BOS = <|endoftext|>) unless a tokenizer directory is given."""
+    """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a HF model (folder or
+    hub repo) with the tokenizer beside it in that folder or snapshot (pipeline.hf), unless a tokenizer
+    directory is given."""
     if hf_model:
-        model = HFCausalLM(hf_model, device)
+        folder = hf.locate(hf_model, with_tokenizer=not tokenizer_dir).folder
         if tokenizer_dir:
             enc = tokenizer.load(tokenizer_dir)
-            return model, enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS), model.sequence_len, None
-        import tiktoken
-        gpt2 = tiktoken.get_encoding("gpt2")
-        return model, gpt2.encode_ordinary, gpt2.eot_token, model.sequence_len, None
+            encode, bos = enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS)
+        else:  # before the weights: a broken tokenizer should not cost minutes of loading first
+            own = hf.load_tokenizer(folder)
+            encode, bos = own.encode_ordinary, own.bos
+        model = HFCausalLM(folder, device)
+        return model, encode, bos, model.sequence_len, None
     enc = tokenizer.load(tokenizer_dir)
     model = load_checkpoint_model(checkpoint, device)
     # no cropping, as nanochat's base_eval does for its own GPT: its rotary tables reach 10x the context
@@ -229,7 +217,8 @@ def run(spec, inputs, out, work, threads):
     device, rank, _, world = setup_device()
     if "hf_model" in params:
         (bundle_dir,) = map(Path, inputs)
-        model, encode, bos, max_len, enc = model_source(hf_model=params["hf_model"], device=device)
+        hf_source = hf.locate(params["hf_model"])  # a hub repo is fetched here, once; recorded below
+        model, encode, bos, max_len, enc = model_source(hf_model=hf_source.folder, device=device)
     else:
         train_dir, bundle_dir, tok_dir, train_block, val_block = map(Path, inputs)
         model, encode, bos, max_len, enc = model_source(checkpoint=train_dir, tokenizer_dir=tok_dir, device=device)
@@ -251,7 +240,7 @@ def run(spec, inputs, out, work, threads):
         extras["samples.json"] = evaluate.greedy_samples(model, enc, device)
     bundle = store.read_manifest(bundle_dir)
     if enc is None:
-        source = {"hf_model": params["hf_model"]}
+        source = {"hf_model": params["hf_model"], "hf_source": hf.record(params["hf_model"], hf_source)}
     else:
         source = {"checkpoint_key": store.read_manifest(train_dir)["key"]}
     result.update(gpt2_verdict(result), **source, bundle_key=bundle["key"],
@@ -262,7 +251,8 @@ def run(spec, inputs, out, work, threads):
         store.write_json(work / name, data)
     store.seal(spec, ["core.json", *extras], work, out, started_at=started,
                resolved={"core_metric": result["core_metric"], "partial": result["partial"],
-                         **extras.get("bpb.json", {})})
+                         **extras.get("bpb.json", {}),
+                         **({"hf_source": source["hf_source"]} if "hf_source" in source else {})})
     log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
 
 

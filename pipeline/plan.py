@@ -39,7 +39,7 @@ STAGE_SOURCES = {
     "train": ("train.py", "model.py", "chunked_loss.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py",
               "runtime.py"),
     "bundle": ("bundle.py", "fetch.py"),
-    "core": ("core.py", "core_tasks.py", "evaluate.py", "model.py", "chunked_loss.py"),
+    "core": ("core.py", "core_tasks.py", "evaluate.py", "model.py", "chunked_loss.py", "hf.py"),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
 # Flags that only name things; renaming a run must not retrain it.

@@ -4,6 +4,7 @@
     python -m pipeline.publish copy STORE_FILE OUT      # a store file, copied (never linked) and checked
     python -m pipeline.publish train-summary --summary OUT --metrics OUT TRAIN_DIR...
     python -m pipeline.publish row --row NAME --out DIR STAGE=DIR...   # core.json + the chain's manifest
+                                                     # (a hf_model row's chain: bundle and core only)
 
 A row with several seeds has one train and one core directory per seed. Its train_summary.json and
 core.json then hold the mean as the usual fields, the spread under "seeds", and every seed's own
@@ -171,7 +172,11 @@ def main(argv=None):
         for item in args.stages:
             stage, _, d = item.partition("=")
             stage_dirs.setdefault(stage, []).append(d)
-        publish_seeded("core.json", stage_dirs["train"], stage_dirs["core"], Path(args.out) / "core.json")
+        if "core" not in stage_dirs:
+            raise StageError(f"row {args.row}: no core=DIR among the stages; the row's core.json comes from its "
+                             "core store directory")
+        # a published model's row (hf_model) is evaluated only: its chain has no train directories
+        publish_seeded("core.json", stage_dirs.get("train", []), stage_dirs["core"], Path(args.out) / "core.json")
         store.write_json(Path(args.out) / "manifest.json", row_manifest(args.row, stage_dirs, args.command))
     else:
         store.write_json(args.out, token_shards(args.row, args.tokenizer, args.blocks))
