@@ -10,9 +10,7 @@ allows it (`allow_missing_tasks`); then the missing tasks are listed and core_me
 never comparable to GPT-2's 0.256525.
 """
 
-import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import bundle, cli, core_tasks, evaluate, hf, plan, store, tokenizer
+from pipeline import bundle, cli, core_tasks, evaluate, hf, launch, store, tokenizer
+from pipeline.device import setup_device
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
@@ -182,14 +181,6 @@ def tokenizer_of(checkpoint, manifest):
     return path
 
 
-def setup_device():
-    from pipeline.train import setup_device as setup
-    return setup("")[:4]  # the allocator is tuned for eval too
-
-
-HFCausalLM = hf.HFCausalLM
-
-
 def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None):
     """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a HF model (folder or
     hub repo) with the tokenizer beside it in that folder or snapshot (pipeline.hf), unless a tokenizer
@@ -202,7 +193,7 @@ def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None
         else:  # before the weights: a broken tokenizer should not cost minutes of loading first
             own = hf.load_tokenizer(folder)
             encode, bos = own.encode_ordinary, own.bos
-        model = HFCausalLM(folder, device)
+        model = hf.HFCausalLM(folder, device)
         return model, encode, bos, model.sequence_len, None
     enc = tokenizer.load(tokenizer_dir)
     model = load_checkpoint_model(checkpoint, device)
@@ -214,7 +205,7 @@ def run(spec, inputs, out, work, threads):
     """The core stage. Inputs: train, bundle and tokenizer directories, then a train and the validation
     token-shard block; for a HuggingFace row (`hf_model`), only the bundle."""
     params = spec["params"]
-    device, rank, _, world = setup_device()
+    device, rank, _, world, _ = setup_device()  # the allocator is tuned for eval too
     if "hf_model" in params:
         (bundle_dir,) = map(Path, inputs)
         hf_source = hf.locate(params["hf_model"])  # a hub repo is fetched here, once; recorded below
@@ -256,18 +247,44 @@ def run(spec, inputs, out, work, threads):
     log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
 
 
+def inside_sealed_dir(path):
+    """The sealed store directory (one with a manifest) that `path` would be written into, if any."""
+    for d in Path(path).resolve().parents:
+        if (d / store.MANIFEST).is_file():
+            return d
+    return None
+
+
+def by_hand(args):
+    """CORE of a checkpoint folder or a HuggingFace model, written to a plain file: outside the store,
+    with no manifest, so nothing later builds on it (a row's stored result: its core.json target)."""
+    sealed = inside_sealed_dir(args.out)
+    if sealed is not None:
+        raise StageError(f"--out {args.out} is inside the sealed store directory {sealed}; write the by-hand "
+                         "result elsewhere (the store is only written by its stages)")
+    manifest = None if args.hf_model else train_manifest(args.checkpoint)
+    tok_dir = args.tokenizer or (None if args.hf_model else tokenizer_of(args.checkpoint, manifest))
+    device, rank, _, world, _ = setup_device()
+    model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, tok_dir, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
+        result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
+                               args.max_per_task, args.allow_missing_tasks, rank, world,
+                               log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
+    # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
+    source = ({"hf_model": args.hf_model, "hf_source": hf.record(args.hf_model, hf.locate(args.hf_model, False))}
+              if args.hf_model else {"checkpoint_key": manifest and manifest["key"]})
+    if rank == 0:
+        store.write_json(args.out, {**result, **gpt2_verdict(result), **source,
+                                    "bundle_sha256": bundle.digest(args.bundle), "world_size": world})
+        print(f"CORE {result['core_metric']:.4f} -> {args.out} (by hand: outside the store, no manifest; "
+              "`snakemake results/<row>/core.json` keeps a row's result)", file=sys.stderr)
+
+
 @cli.user_errors
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    ap = argparse.ArgumentParser(prog="python -m pipeline.core", description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", help="the stage spec as JSON (what Snakemake passes)")
-    ap.add_argument("--inputs", nargs="+", help="with --spec: the input store directories, in the spec's order")
-    ap.add_argument("--out", help="with --spec: the store directory; else the core.json to write")
-    ap.add_argument("--work", default="results/work")
-    ap.add_argument("--row", help="evaluate this row of the config (its train, bundle and tokenizer)")
-    ap.add_argument("--config", default="config/config.yaml")
+    ap = cli.parser("core", __doc__.splitlines()[0],
+                    out_help="with --spec: the output store directory; by hand: the core.json to write")
     ap.add_argument("--checkpoint", help="a train store directory (model.pt, model.json)")
     ap.add_argument("--hf-model", help="instead: a HuggingFace causal LM, e.g. openai-community/gpt2-xl or a folder")
     ap.add_argument("--tokenizer", help="our tokenizer store directory (default: the one the --checkpoint store "
@@ -276,31 +293,12 @@ def main(argv=None):
     ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
     ap.add_argument("--allow-missing-tasks", action="store_true")
     ap.add_argument("--batch-tokens", type=int, default=32768, help="padded tokens per forward pass")
-    args = ap.parse_args(argv)
-    if args.spec:
-        spec = json.loads(args.spec)
-        run(spec, args.inputs, Path(args.out), store.work_dir(spec, args.work), os.cpu_count())
-    elif args.row:
-        cfg = plan.load_config(args.config)
-        (spec,) = cli.row_specs(cfg, args.config, args.row, "core")
-        root = Path(cfg["store_dir"])
-        run(spec, [root / r for r in spec["inputs"]], store.store_dir(spec, root),
-            store.work_dir(spec, cfg["work_dir"]), os.cpu_count())
+    args = ap.parse_args(launch.after_separator(sys.argv[1:] if argv is None else argv))
+    if args.spec or args.row:
+        for target in cli.targets("core", args):
+            cli.run_target(target, run)
     elif (args.checkpoint or args.hf_model) and args.bundle and args.out:
-        manifest = None if args.hf_model else train_manifest(args.checkpoint)
-        tok_dir = args.tokenizer or (None if args.hf_model else tokenizer_of(args.checkpoint, manifest))
-        device, rank, _, world = setup_device()
-        model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, tok_dir, device)
-        with tempfile.TemporaryDirectory() as tmp:
-            tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
-            result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
-                                   args.max_per_task, args.allow_missing_tasks, rank, world,
-                                   log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
-        # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
-        source = {"hf_model": args.hf_model} if args.hf_model else {"checkpoint_key": manifest and manifest["key"]}
-        if rank == 0:
-            store.write_json(args.out, {**result, **gpt2_verdict(result), **source,
-                                        "bundle_sha256": bundle.digest(args.bundle), "world_size": world})
+        by_hand(args)
     else:
         ap.error("give --spec, --row, or --bundle and --out with --checkpoint (and --tokenizer where its store "
                  "manifest does not lead to one) or --hf-model")

@@ -89,7 +89,13 @@ def train_command(spec, inputs, out, work, threads=None):
 def core_command(spec, inputs, out, work, threads=None):
     """The core stage's command: its items are split over the same processes as training."""
     argv = ["--spec", compact_json(spec), "--inputs", *map(str, inputs), "--out", str(out), "--work", str(work)]
-    return _shell(locked(spec, out, work, launcher(spec, "pipeline.core", threads=threads) + argv))
+    command = _shell(locked(spec, out, work, launcher(spec, "pipeline.core", threads=threads) + argv))
+    if "hf_model" not in spec["params"]:
+        return command
+    # a HuggingFace model is fetched (or found missing, in one line) before torchrun starts, whose own
+    # traceback would otherwise follow any rank's failure; grouped so that the rule's redirect takes both
+    fetch = " ".join(shlex.quote(c) for c in ["python", "-m", "pipeline.hf", "fetch", spec["params"]["hf_model"]])
+    return f"({fetch} && {command})"
 
 
 def locked(spec, out, work, cmd):

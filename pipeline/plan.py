@@ -28,18 +28,20 @@ from pipeline import recipe as recipes
 PIPELINE_DIR = Path(__file__).resolve().parent
 KEY_LEN = 16
 KEY_PATTERN = f"[0-9a-f]{{{KEY_LEN}}}"
-# The files whose content decides what a stage produces. Bookkeeping (store.py, cli.py, plan.py)
-# is left out on purpose: fixing a log line must not invalidate a 3-hour training run.
+# The files whose content decides what a stage produces: each stage lists every pipeline module it imports,
+# directly or not, except BOOKKEEPING (tests/test_plan.py checks both against the imports). Bookkeeping says
+# where things go, how a stage is started and whether its config is sound, never what it computes: fixing a
+# log line there must not invalidate a 3-hour training run.
+BOOKKEEPING = ("cli.py", "plan.py", "store.py", "keylock.py", "config.py", "launch.py")
+_SHARDS = ("tokenizer.py", "download.py", "fetch.py", "shards.py")  # reading shards and the tokenizer
+_MODEL = ("model.py", "chunked_loss.py", "dims.py", "recipe.py", "evaluate.py", "loader.py", "device.py", "runtime.py")
 STAGE_SOURCES = {
-    # each lists every module it imports, directly or not, bookkeeping aside (tests/test_download.py checks
-    # download, tokenizer, pretokenize and bundle)
     "download": ("download.py", "fetch.py", "shards.py"),
-    "tokenizer": ("tokenizer.py", "shards.py", "download.py", "fetch.py"),
-    "pretokenize": ("pretokenize.py", "tokenizer.py", "shards.py", "download.py", "fetch.py"),
-    "train": ("train.py", "model.py", "chunked_loss.py", "optim.py", "loader.py", "dims.py", "evaluate.py", "recipe.py",
-              "runtime.py"),
+    "tokenizer": _SHARDS,
+    "pretokenize": ("pretokenize.py", *_SHARDS),
+    "train": ("train.py", "optim.py", "checkpoint.py", *_MODEL, *_SHARDS),
     "bundle": ("bundle.py", "fetch.py"),
-    "core": ("core.py", "core_tasks.py", "evaluate.py", "model.py", "chunked_loss.py", "hf.py"),
+    "core": ("core.py", "core_tasks.py", "hf.py", "bundle.py", *_MODEL, *_SHARDS),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
 # Flags that only name things; renaming a run must not retrain it.

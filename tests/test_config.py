@@ -131,7 +131,8 @@ def test_a_batch_the_devices_cannot_split_is_refused_with_the_launchs_world(repo
     row["train"].update(device_batch_size=3, max_seq_len=256, total_batch_size=4096)
     with pytest.raises(ConfigError) as err:
         config.check(cfg)
-    assert (f"rows.smoke.train.total_batch_size: 4096 tokens is not a multiple of device_batch_size x max_seq_len x "
-            f"world size = {3 * 256 * world}; pick a device_batch_size (a power of 2) that divides it") in str(err.value)
+    assert (f"rows.smoke.train.total_batch_size: 4096 tokens is not a multiple of device_batch_size x max_seq_len "
+            f"x world size = {3 * 256 * world}; pick a device_batch_size (a power of 2) that divides it"
+            ) in str(err.value)
     row["train"].update(device_batch_size=2, total_batch_size=2 * 256 * world * 4)
     config.check(cfg)

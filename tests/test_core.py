@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CORE_MINI
-from pipeline import bundle, core, core_tasks, plan, store
+from pipeline import bundle, core, core_tasks, hf, plan, store
 from pipeline.core_tasks import Task
 from pipeline.model import GPT, GPTConfig
 from pipeline.store import StageError
@@ -338,6 +338,6 @@ def test_a_huggingface_gpt2_goes_through_the_same_harness(smoke_data, mini, tmp_
     result = json.loads(out.read_text())
     assert result["tasks_evaluated"] == 18 and result["partial"]
     assert all(t["items"] == 4 for t in result["tasks"].values())
-    wrapped = core.HFCausalLM(tmp_path / "tiny-gpt2", torch.device("cpu"))
+    wrapped = hf.HFCausalLM(tmp_path / "tiny-gpt2", torch.device("cpu"))
     assert wrapped.sequence_len == 64
     assert wrapped(torch.zeros(2, 10, dtype=torch.long)).shape == (2, 10, 4096)

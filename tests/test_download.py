@@ -1,4 +1,3 @@
-import ast
 import copy
 import json
 import shutil
@@ -335,29 +334,3 @@ def test_a_pinned_revision_keys_that_dataset_only(repo_config):
     for stage in ("download", "tokenizer", "pretokenize", "train", "core"):
         assert not set(before.rows["d24_climbmix"][stage]) & set(after.rows["d24_climbmix"][stage]), stage
     assert before.rows["d24_climbmix"]["bundle"] == after.rows["d24_climbmix"]["bundle"]
-
-
-def _pipeline_imports(module):
-    """The pipeline modules `module` imports, read from its source."""
-    found = set()
-    for node in ast.walk(ast.parse((plan.PIPELINE_DIR / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
-            found.add(node.module.split(".")[1])
-    return found
-
-
-# what decides no stage's output: the plan, the runner, the store and the config check
-BOOKKEEPING = {"cli", "plan", "store", "keylock", "config"}
-
-
-@pytest.mark.parametrize("stage", ["download", "tokenizer", "pretokenize", "bundle"])
-def test_stage_sources_list_every_module_the_stage_runs(stage):
-    reached, todo = set(), [stage]
-    while todo:
-        module = todo.pop()
-        if module not in reached and module not in BOOKKEEPING:
-            reached.add(module)
-            todo += _pipeline_imports(module)
-    assert reached == {name.removesuffix(".py") for name in plan.STAGE_SOURCES[stage]}

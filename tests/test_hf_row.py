@@ -6,6 +6,7 @@ shipped web text and saved by transformers at test time: nothing big is vendored
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ENV, REPO, WEBTEXT, snakemake_cmd, write_config
-from pipeline import hf, store
+from pipeline import hf, launch, plan, store
 from pipeline.store import StageError
 
 transformers = pytest.importorskip("transformers")
@@ -197,19 +198,22 @@ def test_a_missing_folder_is_named(tmp_path):
         hf.locate(str(tmp_path / "absent"))
 
 
-def test_two_ranks_say_a_missing_model_once(tmp_path):
-    """Under torchrun rank 0 looks the model up and tells the others: one error line, not one per rank."""
+def test_a_missing_model_is_one_line_in_the_jobs_log(tmp_path):
+    """The core rule's command for a HuggingFace row on 2 ranks, offline, with the model nowhere: the log is
+    our one line, neither one per rank nor followed by torchrun's traceback."""
     pytest.importorskip("huggingface_hub")
-    env = {**ENV, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "pipeline.core", "--", "--hf-model", "nobody/not-cached", "--bundle",
-                          str(REPO / "tests" / "fixtures" / "core_bundle_mini"), "--out", str(tmp_path / "c.json")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "nobody/not-cached" in errors[0], out.stderr[-3000:]
-    assert "pipeline/hf.py" not in out.stderr  # no traceback from our code on any rank
+    env = {**ENV, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache"),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    spec = plan.make_spec("core", {"hf_model": "nobody/not-cached", "max_per_task": 4, "allow_missing_tasks": True},
+                          ["bundle/0000000000000000"], settings={"launch": {"nproc_per_node": 2, "nodes": 1}})
+    command = launch.core_command(spec, [str(tmp_path / "bundle")], tmp_path / "out", tmp_path / "work")
+    log = tmp_path / "core.log"
+    out = subprocess.run(f"{command} > {log} 2>&1", shell=True, env=env, timeout=300)
+    assert out.returncode == 2
+    (line,) = log.read_text().splitlines()
+    assert line.startswith(f"error: hf_model nobody/not-cached: not in the HuggingFace cache ({tmp_path}")
+    assert "HF_HUB_OFFLINE is set" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 # ----------------------------------------------------------------------------- the row, end to end

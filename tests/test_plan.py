@@ -1,3 +1,4 @@
+import ast
 import copy
 import re
 import shutil
@@ -153,3 +154,28 @@ def test_scaling_params_match_leaderboard_step_counts():
 def test_unknown_key_names_the_fix(repo_config):
     with pytest.raises(KeyError, match="pipeline.plan show"):
         make(repo_config).spec("train", "0123456789abcdef")
+
+
+def _pipeline_imports(module):
+    """The pipeline modules `module` imports anywhere in its source (function-level imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse((plan.PIPELINE_DIR / module).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found |= {f"{alias.name}.py" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(f"{node.module.split('.')[1]}.py")
+    return found
+
+
+@pytest.mark.parametrize("stage", plan.STAGES)
+def test_stage_sources_are_exactly_what_the_stage_imports(stage):
+    """A module a stage runs is in its key (an edit retrains), unless it is named bookkeeping; and a key lists
+    nothing the stage does not run."""
+    reached, todo = set(), [f"{stage}.py"]
+    while todo:
+        module = todo.pop()
+        if module not in reached and module not in plan.BOOKKEEPING:
+            reached.add(module)
+            todo += _pipeline_imports(module)
+    assert reached == set(plan.STAGE_SOURCES[stage])
+
