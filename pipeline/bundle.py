@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 
 from pipeline import cli, fetch, plan, store
+from pipeline.errors import StageError
 from pipeline.fetch import BadBodyError
-from pipeline.store import StageError
 
 FIX = "check the core bundle's url (nanochat's eval_bundle.zip)"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import keylock, launch, plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 DEFAULT_STORE = "results/store"
 DEFAULT_WORK = "results/work"

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline import dims
 from pipeline import recipe as recipes
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 

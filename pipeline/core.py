@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from pipeline import bundle, cli, core_tasks, evaluate, hf, launch, store, tokenizer
 from pipeline.device import setup_device
+from pipeline.errors import StageError
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
-from pipeline.store import StageError
 
 GPT2_CORE = core_tasks.GPT2_CORE
 

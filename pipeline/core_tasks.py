@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 GPT2_CORE = 0.256525  # the 2019 GPT-2 (1.5B) checkpoint's CORE: the leaderboard's bar
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import keylock, runtime
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 def setup_device(device_type=""):

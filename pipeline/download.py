@@ -26,8 +26,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import cli, fetch, plan, shards, store
+from pipeline.errors import StageError
 from pipeline.fetch import BadBodyError
-from pipeline.store import StageError
 
 shard_name = shards.shard_name
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from pipeline import store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 CHUNK = 1 << 16  # small enough that a dropped connection keeps most of what arrived
 REVISION_HEADER = "X-Repo-Commit"

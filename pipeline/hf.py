@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import cli, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")

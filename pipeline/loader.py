@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 class TokenShards:

@@ -32,7 +32,7 @@ KEY_PATTERN = f"[0-9a-f]{{{KEY_LEN}}}"
 # directly or not, except BOOKKEEPING (tests/test_plan.py checks both against the imports). Bookkeeping says
 # where things go, how a stage is started and whether its config is sound, never what it computes: fixing a
 # log line there must not invalidate a 3-hour training run.
-BOOKKEEPING = ("cli.py", "plan.py", "store.py", "keylock.py", "config.py", "launch.py")
+BOOKKEEPING = ("cli.py", "plan.py", "store.py", "keylock.py", "config.py", "launch.py", "errors.py")
 _SHARDS = ("tokenizer.py", "download.py", "fetch.py", "shards.py")  # reading shards and the tokenizer
 _MODEL = ("model.py", "chunked_loss.py", "dims.py", "recipe.py", "evaluate.py", "loader.py", "device.py", "runtime.py")
 STAGE_SOURCES = {

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline import cli, download, store, tokenizer
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 CHUNK_DOCS = 64  # documents per task: large enough to hide thread hand-off, small enough to balance
 

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import publish, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 REPORT_HASH_LIMIT = 16 << 20
 PUBLISHED = {"core.json": "core", "train_summary.json": "train", "metrics.jsonl": "train"}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline import cli, store
 from pipeline.core_tasks import GPT2_CORE
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 def token_shards(row, tokenizer_dir, block_dirs):

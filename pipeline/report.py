@@ -35,7 +35,7 @@ import yaml  # noqa: E402
 
 from pipeline import cli, config, plan, provenance, store  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
-from pipeline.store import StageError  # noqa: E402
+from pipeline.errors import StageError  # noqa: E402
 
 IMPORTED = "imported"  # results/imported/<row>/: rows brought in by `import`
 COLUMNS = ["#", "time", "val_bpb", "CORE", "Description", "Date", "Commit", "Contributors"]

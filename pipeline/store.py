@@ -23,15 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import StageError
+
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Versions recorded in every manifest: what decides the numbers a stage produces.
 TRACKED_PACKAGES = ("snakemake", "torch", "torchao", "tiktoken", "rustbpe", "pyarrow", "numpy", "pandas")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # out of space, or out of quota: the same fix
-
-
-class StageError(Exception):
-    """An error the user can act on: the message names the file or field and the fix."""
 
 
 def sha256_file(path, chunk=1 << 20):

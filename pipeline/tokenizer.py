@@ -21,7 +21,7 @@ import rustbpe
 import tiktoken
 
 from pipeline import cli, download, shards, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 # Numbers split into groups of at most 2 digits (\p{N}{1,2}, not GPT-4's {1,3}): nanochat measured a
 # lower val_bpb for it at a 32K vocab (dev/LOG.md, Jan 13 2026).

@@ -27,10 +27,10 @@ import torch.distributed as dist
 from pipeline import checkpoint, cli, dims, evaluate, launch, optim, plan, runtime, store, tokenizer
 from pipeline import recipe as recipes
 from pipeline.device import setup_device
+from pipeline.errors import StageError
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig, use_fa3
 from pipeline.optim import MuonAdamW
-from pipeline.store import StageError
 
 SMOOTHING = 0.9        # EMA of the logged train loss
 UNTIMED_STEPS = 10     # compile and warm-up steps left out of total_training_time, as on the leaderboard

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import CORE_MINI, ShardServer
 from pipeline import bundle, config, plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 def zip_bundle(folder, dest, extra=None):

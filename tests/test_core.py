@@ -8,8 +8,8 @@ import torch
 from conftest import CORE_MINI
 from pipeline import bundle, core, core_tasks, hf, plan, store
 from pipeline.core_tasks import Task
+from pipeline.errors import StageError
 from pipeline.model import GPT, GPTConfig
-from pipeline.store import StageError
 
 
 def encode(text):  # one token per character: spans can be read off the strings

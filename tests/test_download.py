@@ -8,7 +8,7 @@ import pytest
 
 from conftest import WEBTEXT
 from pipeline import config, download, plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 SHARD = "shard_00001.parquet"
 

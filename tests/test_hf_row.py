@@ -17,7 +17,7 @@ import yaml
 
 from conftest import ENV, REPO, WEBTEXT, snakemake_cmd, write_config
 from pipeline import hf, launch, plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

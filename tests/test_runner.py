@@ -14,7 +14,7 @@ import yaml
 
 from conftest import CORE_MINI, REPO, WEBTEXT
 from pipeline import cli, config, launch, plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

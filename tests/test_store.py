@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pipeline import plan, store
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 def sealed(tmp_path, files=None):

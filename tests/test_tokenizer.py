@@ -6,7 +6,7 @@ import pytest
 
 from conftest import WEBTEXT
 from pipeline import evaluate, tokenizer
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 from conftest import REPO, unlocked
 from pipeline import checkpoint, launch, plan, store, train
 from pipeline import recipe as recipes
+from pipeline.errors import StageError
 from pipeline.model import GPT
-from pipeline.store import StageError
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}

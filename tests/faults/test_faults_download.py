@@ -12,7 +12,7 @@ import pytest
 
 from conftest import WEBTEXT, ShardServer
 from pipeline import config, download, plan, store, tokenizer
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 pytestmark = pytest.mark.fault
 

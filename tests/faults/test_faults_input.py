@@ -13,7 +13,7 @@ import yaml
 from conftest import CORE_MINI, WEBTEXT
 from pipeline import bundle, config, core_tasks, download, plan, pretokenize, store, tokenizer, train
 from pipeline.core_tasks import Task
-from pipeline.store import StageError
+from pipeline.errors import StageError
 
 pytestmark = pytest.mark.bad_input
 
