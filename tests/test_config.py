@@ -1,8 +1,11 @@
 import copy
+import subprocess
+import sys
 
 import pytest
 import yaml
 
+from conftest import REPO
 from pipeline import config, plan
 from pipeline.config import ConfigError
 
@@ -136,3 +139,10 @@ def test_a_batch_the_devices_cannot_split_is_refused_with_the_launchs_world(repo
             ) in str(err.value)
     row["train"].update(device_batch_size=2, total_batch_size=2 * 256 * world * 4)
     config.check(cfg)
+
+
+def test_checking_a_config_imports_nothing_heavy():
+    """The Snakefile checks the config at every parse: that must not pull numpy (or torch) in."""
+    probe = "import sys, pipeline.config, pipeline.plan; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
