@@ -1,137 +1,13 @@
-"""Shared fixtures: the shipped real-text shards, a loopback shard server with scripted faults, configs."""
+"""Shared fixtures: the shipped real-text shards built once, configs, the README's main command run once,
+and the fault suite's summary line. What tests import by name lives in helpers.py."""
 
 import copy
-import http.server
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-WEBTEXT = REPO / "tests" / "fixtures" / "webtext"
-CORE_MINI = REPO / "tests" / "fixtures" / "core_bundle_mini"
-
-
-class ShardServer:
-    """Serves files of a folder on 127.0.0.1, honouring Range; `faults[name]` is a list of behaviours
-    used one per request ("500", "cut", "garbage", "stall", "404"), after which requests succeed.
-    `pace=(chunk bytes, pause s)` sends every body in chunks with pauses, so that a download lasts long
-    enough to be killed halfway through a body.
-    As HuggingFace does, `/resolve/<ref>/<file>` answers with the commit it serves: `revisions[ref] =
-    (commit, folder)` serves `folder/<file>` with an `X-Repo-Commit: commit` header (404 for a ref not
-    there); with `redirect`, the header rides on a 302 to `/cdn/<commit>/<file>`, which sends the bytes
-    without it. Other paths are served from `root`, without the header."""
-
-    def __init__(self, root, pace=None):
-        self.root = Path(root)
-        self.pace = pace
-        self.faults = {}
-        self.requests = []  # (file name, Range header or None)
-        self.revisions = {}
-        self.redirect = False
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                server.requests.append((name, self.headers.get("Range")))
-                pending = server.faults.get(name) or []
-                fault = pending.pop(0) if pending else None
-                root, commit = server.root, None
-                parts = [urllib.parse.unquote(p) for p in self.path.split("/")]
-                if "resolve" in parts:
-                    ref = parts[parts.index("resolve") + 1]
-                    if ref not in server.revisions:
-                        return self.send_error(404, "Revision Not Found")
-                    commit, root = server.revisions[ref]
-                    if server.redirect:
-                        self.send_response(302)
-                        self.send_header("X-Repo-Commit", commit)
-                        self.send_header("Location", f"/cdn/{commit}/{name}")
-                        self.send_header("Content-Length", "0")
-                        return self.end_headers()
-                elif parts[1:2] == ["cdn"]:
-                    root = next(folder for sha, folder in server.revisions.values() if sha == parts[2])
-                path = Path(root) / name
-                if fault == "404" or not path.is_file():
-                    return self.send_error(404)
-                if fault == "500":
-                    return self.send_error(500, "scripted failure")
-                data = path.read_bytes()
-                if fault == "garbage":
-                    data = b"<html>this is not a parquet file</html>" * 10
-                start = 0
-                m = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if m and fault != "garbage":
-                    start = int(m.group(1))
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                if commit:
-                    self.send_header("X-Repo-Commit", commit)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if fault == "stall":
-                    time.sleep(3)
-                if fault == "cut":  # promise the whole body, send half, hang up
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                chunk, pause = server.pace or (len(body) or 1, 0)
-                try:
-                    for i in range(0, len(body), chunk):
-                        self.wfile.write(body[i:i + chunk])
-                        self.wfile.flush()
-                        time.sleep(pause)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # a client killed mid-body (what the kill tests do)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def seconds_for(self, nbytes):
-        """How long a paced body of `nbytes` takes to send."""
-        chunk, pause = self.pace or (1, 0)
-        return nbytes / chunk * pause
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def tiny_hp(vocab_size, recipe=None, weight_decay=None, steps=4):
-    """The optimizer hyperparameters a depth-2 run of `recipe` derives (train.resolve) at the reference
-    batch of 2^19 tokens, so learning rates are not scaled down, for tests that build their own small
-    model; `weight_decay` replaces Muon's derived one."""
-    from pipeline import train
-    hp = train.resolve(train.parse_args(["--depth=2", "--max-seq-len=16", "--device-batch-size=32768",
-                                         "--total-batch-size=524288", f"--num-iterations={steps}",
-                                         *([f"--recipe={recipe}"] if recipe else [])]), vocab_size, 1)
-    if weight_decay is not None:
-        hp["weight_decay"] = weight_decay
-    return hp
+from helpers import CORE_MINI, REPO, WEBTEXT, ShardServer, snakemake, write_config
 
 
 @pytest.fixture
@@ -180,12 +56,6 @@ def smoke_data(tmp_path_factory):
             "blocks": [store_dir(p.specs[k], cfg["store_dir"]) for k in keys["pretokenize"]]}
 
 
-def unlocked(cmd):
-    """A train or core shell command without its pipeline.keylock wrapper (tested on its own)."""
-    return re.sub(r"^(OMP_NUM_THREADS=1 )?python -m pipeline\.keylock --work \S+ --name \S+ --done \S+ -- ", r"\1",
-                  cmd)
-
-
 # ----------------------------------------------------------------------------- the fault suite's summary line
 
 SUITE = {"fault": "faults injected", "bad_input": "bad inputs tried"}
@@ -209,28 +79,6 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # ----------------------------------------------------------------------------- Snakemake end to end
-
-ENV = {**os.environ, "WANDB_MODE": "disabled"}
-
-
-def snakemake_cmd(workdir, *args, config="config.yaml", cores="2"):
-    """Snakemake on this checkout's Snakefile in `workdir`; cores=None leaves --cores to a profile."""
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(Path(workdir) / config), *(["--cores", cores] if cores else []), *args]
-
-
-def snakemake(workdir, *args, config="config.yaml"):
-    return subprocess.run(snakemake_cmd(workdir, *args, config=config), capture_output=True, text=True, timeout=600,
-                          env=ENV)
-
-
-def write_config(workdir, cfg, name="config.yaml"):
-    """Write a copy of `cfg` for a run in `workdir`, and return that copy (the config the run plans from)."""
-    # the repo config's local paths are relative to the checkout; these runs happen elsewhere
-    cfg = copy.deepcopy(cfg)
-    cfg["core_bundles"]["core_mini"]["url"] = str(REPO / "tests" / "fixtures" / "core_bundle_mini")
-    (Path(workdir) / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import yaml
 
-from conftest import CORE_MINI, ShardServer
+from helpers import CORE_MINI, ShardServer
 from pipeline import bundle, config, plan, store
 from pipeline.errors import StageError
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import plan
 
 

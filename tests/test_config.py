@@ -5,7 +5,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import config, plan
 from pipeline.config import ConfigError
 

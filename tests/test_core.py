@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import CORE_MINI
+from helpers import CORE_MINI
 from pipeline import bundle, core, core_tasks, hf, plan, store
 from pipeline.core_tasks import Task
 from pipeline.errors import StageError
@@ -303,7 +303,7 @@ def test_two_ranks_give_the_same_core_as_one(smoke_data, mini, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
     scorer, _, _ = scorer_for(smoke_data, 4096)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

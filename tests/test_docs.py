@@ -2,7 +2,7 @@
 
 import ast
 
-from conftest import REPO
+from helpers import REPO
 
 SUITE_MARKS = {"fault", "bad_input"}
 

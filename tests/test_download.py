@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WEBTEXT
+from helpers import WEBTEXT
 from pipeline import config, download, plan, store
 from pipeline.errors import StageError
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import evaluate, launch, plan, train
 from pipeline.model import GPT, GPTConfig, flash_windows_supported
 
@@ -58,7 +58,7 @@ def test_cuda_training_compiles_and_runs_fp8(smoke_data, tmp_path):
 def test_embeddings_are_bf16_on_cuda_as_nanochats(recipe):
     """nanochat keeps wte and the value embeddings in bf16 on CUDA (and their AdamW moments), so the
     residual stream is bf16; the block matrices and the scalars stay fp32 master weights."""
-    from conftest import tiny_hp
+    from helpers import tiny_hp
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(2, 512, 64, recipe=recipe))
     model.to_empty(device="cuda")

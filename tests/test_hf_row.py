@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import ENV, REPO, WEBTEXT, snakemake_cmd, write_config
+from helpers import ENV, REPO, WEBTEXT, snakemake_cmd, write_config
 from pipeline import hf, launch, plan, store
 from pipeline.errors import StageError
 

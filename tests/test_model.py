@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, tiny_hp
+from helpers import REPO, tiny_hp
 from pipeline import chunked_loss, dims, train
 from pipeline import model as model_module
 from pipeline import recipe as recipes

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_hp
+from helpers import tiny_hp
 from pipeline import dims, train
 from pipeline.model import GPT, GPTConfig
 

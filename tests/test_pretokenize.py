@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WEBTEXT
+from helpers import WEBTEXT
 from pipeline import pretokenize, store, tokenizer
 
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import config, plan, report
 from pipeline import recipe as recipes
 

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import config, provenance, publish, report, store
 
 GIT = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False}

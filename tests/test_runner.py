@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import CORE_MINI, REPO, WEBTEXT
+from helpers import CORE_MINI, REPO, WEBTEXT
 from pipeline import cli, config, launch, plan, store
 from pipeline.errors import StageError
 

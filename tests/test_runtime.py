@@ -3,7 +3,7 @@
 import gc
 import os
 
-from conftest import REPO
+from helpers import REPO
 from pipeline import launch, plan, runtime, train
 
 

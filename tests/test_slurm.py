@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, ShardServer, snakemake_cmd, unlocked, write_config
+from helpers import REPO, ShardServer, snakemake_cmd, unlocked, write_config
 from pipeline import config, launch, plan, resources
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -358,7 +358,7 @@ def squeue_all():
 @pytest.mark.slow
 def test_smoke_row_runs_through_slurm_and_matches_the_local_run(slurm_cluster, tmp_path, smoke_run):
     """Every heavy job is an sbatch job (an id, a SLURM log, COMPLETED in squeue); the light ones stay local;
-    core.json is byte for byte the local run's (conftest's smoke_run). Both runs use 2 threads per job (the
+    core.json is byte for byte the local run's (the smoke_run fixture). Both runs use 2 threads per job (the
     node's CPUs and the local --cores), so CPU training computes the same numbers."""
     local_dir, slurm_dir = smoke_run["dir"], tmp_path / "slurm"
     slurm_dir.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ShardServer, snakemake, write_config
+from helpers import REPO, ShardServer, snakemake, write_config
 from pipeline import config, plan, store
 
 pytestmark = [pytest.mark.slow,

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import WEBTEXT
+from helpers import WEBTEXT
 from pipeline import evaluate, tokenizer
 from pipeline.errors import StageError
 

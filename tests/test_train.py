@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, unlocked
+from helpers import REPO, unlocked
 from pipeline import checkpoint, launch, plan, store, train
 from pipeline import recipe as recipes
 from pipeline.errors import StageError

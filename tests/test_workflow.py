@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ENV, REPO, snakemake, snakemake_cmd, unlocked, write_config
+from helpers import ENV, REPO, snakemake, snakemake_cmd, unlocked, write_config
 from pipeline import config, store
 
 pytestmark = pytest.mark.slow

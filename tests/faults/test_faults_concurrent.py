@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ENV, REPO, ShardServer, snakemake, snakemake_cmd, write_config
+from helpers import ENV, REPO, ShardServer, snakemake, snakemake_cmd, write_config
 from pipeline import config, keylock, plan, store
 
 pytestmark = pytest.mark.fault

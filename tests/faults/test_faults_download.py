@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import WEBTEXT, ShardServer
+from helpers import WEBTEXT, ShardServer
 from pipeline import config, download, plan, store, tokenizer
 from pipeline.errors import StageError
 

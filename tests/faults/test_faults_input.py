@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import CORE_MINI, WEBTEXT
+from helpers import CORE_MINI, WEBTEXT
 from pipeline import bundle, config, core_tasks, download, plan, pretokenize, store, tokenizer, train
 from pipeline.core_tasks import Task
 from pipeline.errors import StageError

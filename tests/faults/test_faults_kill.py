@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ENV, WEBTEXT, ShardServer, snakemake, snakemake_cmd, write_config
+from helpers import ENV, WEBTEXT, ShardServer, snakemake, snakemake_cmd, write_config
 from pipeline import checkpoint, config, plan, store
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
