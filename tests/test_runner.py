@@ -55,8 +55,8 @@ def snakemake_command(chain, stage, spec, nproc=1):
         spec = copy.deepcopy(spec)
         spec["settings"]["launch"]["nproc_per_node"] = nproc  # not in the key: the same store directory
         make = launch.train_command if stage == "train" else launch.core_command
-        cmd = make(spec, inputs, out, work).replace("torchrun --standalone --nproc_per_node=2", TORCHRUN)
-        return cmd.replace("python -m", f"{sys.executable} -m")  # this test's python, whatever PATH says
+        cmd = make(spec, inputs, out, work).replace("python -m", f"{sys.executable} -m")  # this test's python
+        return cmd.replace("torchrun --standalone --nproc_per_node=2", TORCHRUN)
     argv = [sys.executable, "-m", f"pipeline.{stage}", "--spec", launch.compact_json(spec), "--out", str(out),
             "--work", work, *(["--inputs", *inputs] if inputs else [])]
     return " ".join(map(shlex.quote, argv))
