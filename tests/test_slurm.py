@@ -434,11 +434,18 @@ def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submit
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
     write_config(tmp_path, cfg)
+    # the shipped profile with its partition line filled in, as a user would
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    shipped = (REPO / "workflow" / "profiles" / "slurm" / "config.v8+.yaml").read_text()
+    assert "  # slurm_partition: gpu\n" in shipped
+    (profile / "config.v8+.yaml").write_text(shipped.replace("  # slurm_partition: gpu\n",
+                                                             "  slurm_partition: no_such_queue\n"))
     before = set(squeue_all())
     out = subprocess.run(
         ["timeout", "-k", "10", "120", *snakemake_cmd(
-            tmp_path, "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--slurm-status-command", "squeue",
-            "--default-resources", "slurm_partition=no_such_queue", "results/smoke/token_shards.json", cores=None)],
+            tmp_path, "--profile", str(profile), "--slurm-status-command", "squeue",
+            "results/smoke/token_shards.json", cores=None)],
         capture_output=True, text=True, env=ENV)
     text = out.stdout + out.stderr
     assert out.returncode != 0

@@ -158,13 +158,23 @@ def requested_rows():
 
 # a published file and the one that the report reads beside it
 COMPANION = {"core.json": "manifest.json", "train_summary.json": "metrics.jsonl"}
+# The published files of the config's rows that exist as the run starts, where it keeps its files
+# (Snakemake's exists(): the working directory, or the default storage provider's prefix). Asked here
+# while the Snakefile is read: exists() cannot ask a storage plugin from an input function, which runs
+# inside Snakemake's own event loop (9.27: NestedCoroutineError).
+PUBLISHED = {
+    path
+    for row in PLAN.rows
+    for under in ("results", "results/imported")
+    for name in COMPANION
+    if exists(path := f"{under}/{row}/{name}")
+}
 
 
 def report_rows(wildcards):
     """The row files the leaderboard reads and waits for. With report.rows: those rows' files (made if
-    missing). Without: every published file that exists where this run keeps its files (Snakemake's
-    exists(): the working directory, or the default storage provider's prefix), under results/ or
-    results/imported/, and the files of the rows this run was asked for. Never a row nobody asked for."""
+    missing). Without: the published files there are (PUBLISHED), under results/ or results/imported/,
+    and the files of the rows this run was asked for. Never a row nobody asked for."""
     listed = CFG["report"].get("rows")
     asked = set(listed) if listed is not None else requested_rows()
     files = set()
@@ -175,10 +185,7 @@ def report_rows(wildcards):
             files |= {f"results/{row}/{name}" for name in names}
         else:
             files |= {
-                f"{under}/{row}/{name}"
-                for under in ("results", "results/imported")
-                for name in names
-                if exists(f"{under}/{row}/{name}")
-            }
+                f"{under}/{row}/{name}" for under in ("results", "results/imported") for name in names
+            } & PUBLISHED
     files |= {os.path.join(os.path.dirname(f), COMPANION[os.path.basename(f)]) for f in files}
     return sorted(files)
