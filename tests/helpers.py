@@ -143,7 +143,10 @@ def unlocked(cmd):
 
 # ----------------------------------------------------------------------------- Snakemake end to end
 
-ENV = {**os.environ, "WANDB_MODE": "disabled"}
+# jobs run the `python` on PATH and check that it imports this checkout's pipeline: this test's python,
+# activated or not
+ENV = {**os.environ, "WANDB_MODE": "disabled",
+       "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
 
 def snakemake_cmd(workdir, *args, config="config.yaml", cores="2"):

@@ -79,7 +79,7 @@ def spec_inputs(stage):
 
 def spec_json(stage):
     """Params function: the spec as compact JSON for `python -m pipeline.<stage> --spec`."""
-    return lambda w: json.dumps(PLAN.spec(stage, w.key), sort_keys=True, separators=(",", ":"))
+    return lambda w: pipeline_launch.compact_json(PLAN.spec(stage, w.key))
 
 
 def row_chain(row):
