@@ -451,4 +451,5 @@ def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submit
     assert out.returncode != 0
     assert "slurm_partition 'no_such_queue' is not a partition sinfo knows" in text, text[-3000:]
     assert "set default-resources: slurm_partition in workflow/profiles/slurm/config.v8+.yaml" in text
-    assert "submitted with SLURM jobid" not in text and set(squeue_all()) == before
+    # no job of its own in the queue: jobs of earlier tests may have left it meanwhile, none may have joined
+    assert "submitted with SLURM jobid" not in text and set(squeue_all()) <= before
