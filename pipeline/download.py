@@ -202,6 +202,26 @@ def run(spec, inputs, out, work, threads):
     store.seal(spec, names, work, out, resolved=resolved, started_at=started)
 
 
+def one_commit(manifests, where):
+    """The one dataset commit that the blocks behind `manifests` (download or pretokenize manifests, which
+    carry the commit on) come from, None when no server said. Blocks of two commits are refused: each
+    block is of one commit, but blocks fetched on different days may not be, and a row trains and
+    validates on one version of its dataset."""
+    blocks = {}
+    for m in manifests:
+        if m["resolved"].get("revision"):
+            blocks.setdefault(m["resolved"]["revision"], []).append(f"{m['stage']}/{m['key']}")
+    if len(blocks) <= 1:
+        return next(iter(blocks), None)
+    dataset = next(m["resolved"].get("dataset") or m["params"].get("dataset") for m in manifests)
+    listing = "; ".join(f"commit {commit}: {', '.join(names)}" for commit, names in blocks.items())
+    newest = list(blocks)[-1]
+    raise StageError(f"{where}: its blocks come from {len(blocks)} commits of dataset {dataset!r} ({listing}); a row "
+                     f"trains and validates on one. Pin one in the config, e.g. `revision: {newest}` under "
+                     f"datasets.{dataset} (blocks already downloaded at that commit are reused, the others are "
+                     "fetched again from it), then rerun")
+
+
 def check_intact(directory):
     """Refuse a download directory whose shards are not the bytes its manifest records (edited, or
     damaged on disk since), naming the file and the command that refetches it."""

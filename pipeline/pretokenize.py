@@ -79,8 +79,11 @@ def run(spec, inputs, out, work, threads):
                          f"{shard_dir}`")
     index["tokens"] = sum(s["tokens"] for s in index["shards"])
     store.write_json(work / "index.json", index)
-    store.seal(spec, files + ["index.json"], work, out, resolved={k: index[k] for k in ("documents", "tokens")},
-               started_at=started)
+    # the dataset commit of its shards, carried on for the stages that read several blocks (download.one_commit)
+    source = store.read_manifest(shard_dir)
+    resolved = {"dataset": source["params"].get("dataset"), "revision": source["resolved"].get("revision"),
+                **{k: index[k] for k in ("documents", "tokens")}}
+    store.seal(spec, files + ["index.json"], work, out, resolved=resolved, started_at=started)
 
 
 def main(argv=None):

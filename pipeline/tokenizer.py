@@ -168,6 +168,7 @@ def run(spec, inputs, out, work, threads):
     *train_dirs, val_dir = inputs
     for d in inputs:
         download.check_intact(d)
+    download.one_commit([store.read_manifest(d) for d in inputs], f"tokenizer {spec['key']}")
     train_paths = shard_files(train_dirs)[: params["train_shards"]]
     if not train_paths:
         raise StageError(f"no train shards found in {', '.join(map(str, train_dirs))}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, cli, dims, evaluate, launch, optim, plan, runtime, store, tokenizer
+from pipeline import checkpoint, cli, dims, download, evaluate, launch, optim, plan, runtime, store, tokenizer
 from pipeline import recipe as recipes
 from pipeline.device import setup_device
 from pipeline.errors import StageError
@@ -502,7 +502,13 @@ def main(argv=None):
         resume_from_step = args.resume_from_step
         args = parse_args(launch.flag_args(target.spec["params"], names))
         args.resume_from_step = resume_from_step
-    cli.run_target(target, lambda spec, inputs, out, work, threads: Trainer(args, spec, inputs, out, work).run())
+
+    def train(spec, inputs, out, work, threads):
+        # train and validation blocks of one dataset commit (the tokenizer checked its own)
+        download.one_commit([store.read_manifest(d) for d in inputs[1:]], f"train {spec['key']}")
+        Trainer(args, spec, inputs, out, work).run()
+
+    cli.run_target(target, train)
     return 0
 
 

@@ -334,3 +334,51 @@ def test_a_pinned_revision_keys_that_dataset_only(repo_config):
     for stage in ("download", "tokenizer", "pretokenize", "train", "core"):
         assert not set(before.rows["d24_climbmix"][stage]) & set(after.rows["d24_climbmix"][stage]), stage
     assert before.rows["d24_climbmix"]["bundle"] == after.rows["d24_climbmix"]["bundle"]
+
+
+# ----------------------------------------------------------------------------- one commit per row
+
+@pytest.mark.fault
+def test_a_row_never_trains_on_blocks_of_two_commits(shard_server, smoke_config, smoke_data, tmp_path, capsys):
+    """Each block is of one commit; blocks fetched on different days may not be. The tokenizer (over its
+    download blocks) and train (over the pretokenized blocks, which carry the commit on) refuse a mix."""
+    from pipeline import pretokenize, tokenizer
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    early = tmp_path / "early"
+    download.run(_spec(smoke_config, hf_url(shard_server), (0, 1)), [], early, tmp_path / "w1", threads=2)
+    shard_server.revisions["main"] = (COMMIT_B, another_revision(tmp_path / "upstream"))  # a month later
+    late = tmp_path / "late"
+    download.run(_spec(smoke_config, hf_url(shard_server), (6,)), [], late, tmp_path / "w2", threads=2)
+
+    tok_spec = plan.make_spec("tokenizer", {"vocab_size": 300, "train_shards": 2, "max_chars": 20000,
+                                            "doc_cap": 1000}, ["download/early", "download/late"])
+    with pytest.raises(StageError) as err:
+        tokenizer.run(tok_spec, [early, late], tmp_path / "tok", tmp_path / "w3", threads=2)
+    message = str(err.value)
+    assert message.startswith(f"tokenizer {tok_spec['key']}: its blocks come from 2 commits of dataset 'webtext' "
+                              f"(commit {COMMIT_A}: download/")
+    assert f"commit {COMMIT_B}: download/" in message and f"`revision: {COMMIT_B}` under datasets.webtext" in message
+    assert not (tmp_path / "tok").exists()
+
+    blocks = []
+    for name, block in (("a", early), ("b", late)):
+        spec = plan.make_spec("pretokenize", {"block": name}, ["tokenizer/t", f"download/{name}"])
+        pretokenize.run(spec, [smoke_data["tokenizer"], block], tmp_path / f"tokens_{name}", tmp_path / f"w_{name}",
+                        threads=2)
+        blocks.append(store.read_manifest(tmp_path / f"tokens_{name}"))
+    assert [(b["resolved"]["dataset"], b["resolved"]["revision"]) for b in blocks] == [
+        ("webtext", COMMIT_A), ("webtext", COMMIT_B)]
+    assert download.one_commit([blocks[0], blocks[0]], "train x") == COMMIT_A
+    unknown = copy.deepcopy(blocks[1])
+    unknown["resolved"]["revision"] = None   # a mirror that did not say: nothing to compare
+    assert download.one_commit([blocks[0], unknown], "train x") == COMMIT_A
+    with pytest.raises(StageError, match=r"^train x: its blocks come from 2 commits of dataset 'webtext'"):
+        download.one_commit(blocks, "train x")
+    # what train does with them, before it builds anything
+    from pipeline import train
+    spec = plan.make_spec("train", {}, ["tokenizer/t", "pretokenize/a", "pretokenize/b"])
+    capsys.readouterr()
+    rc = train.main(["--spec", json.dumps(spec), "--inputs", str(smoke_data["tokenizer"]), str(tmp_path / "tokens_a"),
+                     str(tmp_path / "tokens_b"), "--out", str(tmp_path / "trained"), "--work", str(tmp_path / "w4")])
+    assert rc == 2 and not (tmp_path / "trained").exists()
+    assert capsys.readouterr().err.startswith(f"error: train {spec['key']}: its blocks come from 2 commits of dataset")
