@@ -14,7 +14,8 @@ from results/imported/<row>/ when it was imported; nothing is retrained. A row w
 as "not run"; a row whose files do not verify against its chain (pipeline.provenance) is refused:
 listed, with the reason, but none of its numbers. A partial CORE (tasks missing, or items capped) is
 shown as such and never counted as beating GPT-2. A row with several seeds shows their mean, spread
-and how many seeds beat GPT-2.
+and how many seeds beat GPT-2; it beats GPT-2 only where the one-sided t-test over its seeds gives p
+below report.alpha (pipeline.stats). One seed allows no test, and the page says so.
 """
 
 import argparse
@@ -33,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline import cli, config, plan, provenance, store  # noqa: E402
+from pipeline import cli, config, plan, provenance, stats, store  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
 from pipeline.errors import StageError  # noqa: E402
 
@@ -156,15 +157,28 @@ def leaderboard(rows, reference):
     return pd.DataFrame(lines, columns=COLUMNS)
 
 
-def _verdict(c, gpt2_core):
+def _verdict(c, gpt2_core, alpha):
+    """Does the row beat GPT-2? Over seeds only where the one-sided t-test says so at p < alpha; one seed
+    allows no test, and the page says so."""
     if c is None:
         return "no CORE yet"
     if not c.get("comparable_to_gpt2"):
         return "not comparable (partial)"
-    verdict = "yes" if c["core_metric"] > gpt2_core else "no"
-    if c.get("seeds"):
-        verdict += f" (mean; {c['seeds']['core_metric']['beating']} of {len(c['seeds']['seeds'])} seeds beat it)"
-    return verdict
+    if not c.get("seeds"):
+        return "above, one seed: no test possible" if c["core_metric"] > gpt2_core else "no (one seed)"
+    values = c["seeds"]["core_metric"]["values"]
+    test = stats.one_sided(values, gpt2_core, alpha=alpha)
+    beating = f"{c['seeds']['core_metric']['beating']} of {len(values)} seeds beat it"
+    if test["significant"]:
+        return f"yes (p = {test['p']:.4f} < {alpha}; {beating})"
+    return f"no (p = {test['p']:.4f}, not < {alpha}; {beating})"
+
+
+def _p_value(c, gpt2_core):
+    """The one-sided t-test's p that the row's mean CORE over seeds beats GPT-2 (None: one seed, or partial)."""
+    if not (c and c.get("comparable_to_gpt2") and c.get("seeds")):
+        return None
+    return stats.one_sided(c["seeds"]["core_metric"]["values"], gpt2_core)["p"]
 
 
 def _setup(summary):
@@ -189,7 +203,7 @@ def _over_runs(summary, field):
     return statistics.fmean(values) if values and None not in values else None
 
 
-def details(rows, gpt2_core, gpu_hour_usd):
+def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA):
     """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
     out = []
     for r in rows:
@@ -207,7 +221,8 @@ def details(rows, gpt2_core, gpu_hour_usd):
             "tok_per_sec": _over_runs(s, "tok_per_sec"), "mfu_percent": _over_runs(s, "mfu"), "setup": _setup(s),
             "seeds": len(_stage(m, "core")) or None,
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
-            "core_min": spread.get("min"), "core_max": spread.get("max"), "beats_gpt2": _verdict(c, gpt2_core),
+            "core_min": spread.get("min"), "core_max": spread.get("max"), "core_p": _p_value(c, gpt2_core),
+            "beats_gpt2": _verdict(c, gpt2_core, alpha),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "recipe": recipe_text(r), "pipeline_commit": _commit(m),
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
@@ -378,7 +393,7 @@ def _refused_html(refused):
 def build(cfg, reference, results, out, store_root=None):
     rows = [load_row(results, name, row, store_root) for name, row in cfg["rows"].items()]
     board = leaderboard(rows, reference)
-    table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"])
+    table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"], cfg["report"]["alpha"])
     refused = refusals(rows)
     out = Path(out)
     made = figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")

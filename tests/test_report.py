@@ -10,6 +10,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import scipy.stats as scipy_stats
 import yaml
 
 from helpers import REPO
@@ -112,7 +113,8 @@ def test_details_say_who_beats_gpt2_and_what_it_cost(built):
     jan29 = details_rows((out / "leaderboard.md").read_text())["d24_jan29"]
     assert jan29["hardware"] == "NVIDIA H100 80GB HBM3 x 8" and jan29["total_training_time_s"] == "10800"
     assert jan29["total_training_time_h"] == "3.00" and jan29["seeds"] == "1"
-    assert jan29["beats_gpt2"] == "yes" and jan29["cost_usd"] == "72.00"          # 3 h x 8 GPUs x $3
+    assert jan29["beats_gpt2"] == "above, one seed: no test possible" and jan29["core_p"] == "-"
+    assert jan29["cost_usd"] == "72.00"          # 3 h x 8 GPUs x $3
     assert details_rows((out / "leaderboard.md").read_text())["d26_fp8"]["beats_gpt2"] == "not comparable (partial)"
     assert jan29["command"] == "`snakemake --cores all results/d24_jan29/core.json`"
     assert (jan29["recipe"], jan29["pipeline_commit"]) == ("recipe 348fbb3", "0123456")
@@ -178,9 +180,29 @@ def test_a_row_with_seeds_gives_mean_spread_and_count_beating_gpt2(seeded):
     md = (out / "leaderboard.md").read_text()
     assert {r[0]: r for r in table_rows(md)}["1 (ours)"][3] == "0.2566 ± 0.0040 (3 seeds, 2 beat GPT-2)"
     row = details_rows(md)["d24_jan29"]
-    assert row["seeds"] == "3" and row["beats_gpt2"] == "yes (mean; 2 of 3 seeds beat it)"
+    # a mean 0.000075 above the bar with a spread of 0.004: far from significant
+    p = scipy_stats.ttest_1samp(values, 0.256525, alternative="greater").pvalue
+    assert core["significance"]["p"] == pytest.approx(p) and core["beats_gpt2"] is False
+    assert row["seeds"] == "3" and row["beats_gpt2"] == f"no (p = {p:.4f}, not < 0.01; 2 of 3 seeds beat it)"
     assert (row["tok_per_sec"], row["mfu_percent"]) == ("812,000", "49.5")          # means over the seeds
     assert len(row["train_key"].split()) == 3
+
+
+@pytest.mark.parametrize(("alpha", "verdict"), [(None, "yes (p = {p:.4f} < 0.01; 3 of 3 seeds beat it)"),
+                                                 (0.001, "no (p = {p:.4f}, not < 0.001; 3 of 3 seeds beat it)")])
+def test_seeds_beat_gpt2_only_below_the_threshold_which_the_config_sets(tmp_path, repo_config, alpha, verdict):
+    cfg = copy.deepcopy(repo_config)
+    cfg["rows"]["d24_jan29"]["seeds"] = [1, 2, 3]
+    if alpha is not None:
+        cfg["report"]["alpha"] = alpha
+    results, out = tmp_path / "results", tmp_path / "reports"
+    write_row(results, "d24_jan29", core_metric=0.28, partial=False, time_s=10800.0, depth=24, seeds=[1, 2, 3])
+    report.build(config.check(cfg), report.load_reference(REPO / "config" / "reference.yaml"), results, out,
+                 results / "store")
+    p = scipy_stats.ttest_1samp([0.276, 0.28, 0.284], 0.256525, alternative="greater").pvalue
+    assert 0.001 < p < 0.01
+    row = details_rows((out / "leaderboard.md").read_text())["d24_jan29"]
+    assert row["beats_gpt2"] == verdict.format(p=p) and float(row["core_p"]) == pytest.approx(p, abs=1e-4)
 
 
 @pytest.mark.bad_input
