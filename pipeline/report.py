@@ -8,6 +8,7 @@
         reports/figures/*.png
 
     python -m pipeline.report import DIR    # rows made elsewhere (a cluster's results/), sha256-checked
+    python -m pipeline.report entry --row X # what a leaderboard PR needs for row X (pipeline.entry)
 
 A row is read from results/<row>/ (core.json, train_summary.json, metrics.jsonl, manifest.json), or
 from results/imported/<row>/ when it was imported; nothing is retrained. A row without them is listed
@@ -34,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from pipeline import cli, config, plan, provenance, stats, store  # noqa: E402
+from pipeline import cli, config, entry, plan, provenance, stats, store  # noqa: E402
 from pipeline import recipe as recipes  # noqa: E402
 from pipeline.errors import StageError  # noqa: E402
 
@@ -446,10 +447,24 @@ def main(argv=None):
     i.add_argument("--config", default="config/config.yaml")
     i.add_argument("--results", default="results")
     i.add_argument("--src-store", help="the source's store, if not SRC/store")
+    e = sub.add_parser("entry", help="print what a leaderboard PR needs for one row: its table line, launch "
+                                     "command, commits, wandb summary, seeds and the two one-sided tests")
+    e.add_argument("--row", required=True)
+    e.add_argument("--config", default="config/config.yaml")
+    e.add_argument("--reference", default="config/reference.yaml")
+    e.add_argument("--results", default="results")
+    e.add_argument("--contributors", default="@you", help="the table line's Contributors cell")
     args = ap.parse_args(argv)
     cfg = config.load(args.config)
     if args.cmd == "import":
         import_rows(args.src, cfg, args.results, args.src_store)
+        return 0
+    if args.cmd == "entry":
+        if args.row not in cfg["rows"]:
+            raise StageError(f"{args.config}: no row named {args.row!r} (rows: {', '.join(cfg['rows'])})")
+        row = load_row(args.results, args.row, cfg["rows"][args.row], cfg["store_dir"])
+        reference = load_reference(args.reference)
+        print(entry.lines(entry.entry(row, reference, cfg["report"]["alpha"], args.contributors), COLUMNS), end="")
         return 0
     rows = build(cfg, load_reference(args.reference), args.results, args.out, cfg["store_dir"])
     print(f"{sum(r['status'] not in ('not run', 'refused') for r in rows)} of {len(rows)} rows have verified "

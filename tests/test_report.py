@@ -14,7 +14,7 @@ import scipy.stats as scipy_stats
 import yaml
 
 from helpers import REPO
-from pipeline import config, provenance, publish, report, store
+from pipeline import config, entry, provenance, publish, report, store
 
 GIT = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False}
 
@@ -344,3 +344,40 @@ def test_the_page_renders_in_headless_chromium(built, tmp_path):
     ink = (pixels.min(axis=2) < 0.9).mean()   # text, table rules and figures, not an empty white page
     blue = ((pixels[..., 2] - pixels[..., 0]) > 0.3).mean()   # the figures' colours came through
     assert ink > 0.03 and blue > 0.001, (ink, blue)
+
+
+# ----------------------------------------------------------------------------- the leaderboard entry
+
+def test_the_entry_is_what_a_leaderboard_pr_needs(tmp_path, repo_config, capsys):
+    cfg = copy.deepcopy(repo_config)
+    results = tmp_path / "results"
+    cfg["store_dir"] = str(results / "store")
+    cfg["rows"]["d24_jan29"]["seeds"] = [1, 2, 3]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_row(results, "d24_jan29", core_metric=0.28, partial=False, time_s=5000.0, depth=24, seeds=[1, 2, 3],
+              recipe="348fbb3")
+    write_row(results, "d26_fp8", core_metric=0.27, partial=False, time_s=9000.0, depth=26)
+    args = ["entry", "--config", str(tmp_path / "config.yaml"), "--results", str(results), "--reference",
+            str(REPO / "config" / "reference.yaml"), "--row"]
+    assert report.main([*args, "d24_jan29", "--contributors", "@me"]) == 0
+    text = capsys.readouterr().out
+    reference = report.load_reference(REPO / "config" / "reference.yaml")
+    number, record_time = entry.record(reference)
+    assert number == min((r for r in reference["rows"] if r["number"]), key=lambda r: r["time_hours"])["number"]
+    assert ("| 7 | 1.41 | 0.74810 | 0.2800 | d24 baseline, slightly overtrained | 2026-12-01 | 348fbb3 | @me |"
+            in text.splitlines())   # the mean over the seeds: 5060 s; the next number after the board's 0-6
+    # nanochat's flags only: no --seed (base_train has none; the seeds are listed below) and no --recipe
+    launch = "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24"
+    assert f"    {launch}\n" in text
+    assert "    snakemake --cores all results/d24_jan29/core.json" in text
+    assert "recipe commit: 348fbb3" in text and f"pipeline commit: {GIT['commit']}" in text
+    assert "    total_training_time: 5060.0" in text and "    step: 16704" in text and "seeds: 1, 2, 3" in text
+    core_p = scipy_stats.ttest_1samp([0.276, 0.28, 0.284], 0.256525, alternative="greater").pvalue
+    time_p = scipy_stats.ttest_1samp([5000, 5060, 5120], record_time, alternative="less").pvalue
+    assert f"CORE > GPT-2's 0.256525: p = {core_p:.4g} over 3 seeds (passes p < 0.01;" in text
+    assert f"time < record (#{number}, {record_time:.0f} s): p = {time_p:.4g} over 3 seeds (passes p < 0.01;" in text
+    assert report.main([*args, "d26_fp8"]) == 0
+    assert "CORE > GPT-2's 0.256525: one seed: no test is possible" in capsys.readouterr().out
+    assert report.main([*args, "d12"]) == 2
+    assert "row d12: no entry, it not run (build it with `snakemake --cores all results/d12/core.json`)" in \
+        capsys.readouterr().err
