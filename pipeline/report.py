@@ -204,7 +204,14 @@ def _over_runs(summary, field):
     return statistics.fmean(values) if values and None not in values else None
 
 
-def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA):
+def _time_p(summary, record_time):
+    """The one-sided t-test's p that the row's mean total_training_time over seeds is below the record's."""
+    if not (summary and summary.get("seeds") and record_time):
+        return None
+    return stats.one_sided(entry.seed_values(summary, "total_training_time"), record_time, "less")["p"]
+
+
+def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
     """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
     out = []
     for r in rows:
@@ -223,6 +230,7 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA):
             "seeds": len(_stage(m, "core")) or None,
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
             "core_min": spread.get("min"), "core_max": spread.get("max"), "core_p": _p_value(c, gpt2_core),
+            "time_p": _time_p(s, record_time),
             "beats_gpt2": _verdict(c, gpt2_core, alpha),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "recipe": recipe_text(r), "pipeline_commit": _commit(m),
@@ -339,7 +347,7 @@ def formatted(table):
     for col, spec in (("total_training_time_s", ".0f"), ("total_training_time_h", ".2f"),
                       ("total_training_flops", ".3e"), ("core_metric", ".4f"), ("core_std", ".4f"),
                       ("core_min", ".4f"), ("core_max", ".4f"), ("cost_usd", ".2f"), ("tok_per_sec", ",.0f"),
-                      ("mfu_percent", ".1f")):
+                      ("mfu_percent", ".1f"), ("core_p", ".4g"), ("time_p", ".4g")):
         if col in shown:
             shown[col] = [None if pd.isna(v) else format(v, spec) for v in shown[col]]
     return shown
@@ -394,7 +402,8 @@ def _refused_html(refused):
 def build(cfg, reference, results, out, store_root=None):
     rows = [load_row(results, name, row, store_root) for name, row in cfg["rows"].items()]
     board = leaderboard(rows, reference)
-    table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"], cfg["report"]["alpha"])
+    table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"], cfg["report"]["alpha"],
+                    entry.record(reference)[1])
     refused = refusals(rows)
     out = Path(out)
     made = figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")

@@ -203,6 +203,10 @@ def test_seeds_beat_gpt2_only_below_the_threshold_which_the_config_sets(tmp_path
     assert 0.001 < p < 0.01
     row = details_rows((out / "leaderboard.md").read_text())["d24_jan29"]
     assert row["beats_gpt2"] == verdict.format(p=p) and float(row["core_p"]) == pytest.approx(p, abs=1e-4)
+    # and its time against the record's (10800-10920 s against run 6's 1.65 h: surely not faster)
+    record_time = entry.record(report.load_reference(REPO / "config" / "reference.yaml"))[1]
+    time_p = scipy_stats.ttest_1samp([10800, 10860, 10920], record_time, alternative="less").pvalue
+    assert float(row["time_p"]) == pytest.approx(time_p, abs=1e-4) and time_p > 0.99
 
 
 @pytest.mark.bad_input
