@@ -1,4 +1,6 @@
-"""stats: is a row's mean over seeds really past a bar? A one-sided one-sample t-test, as a record PR needs.
+"""stats: is a row's mean over seeds really past a bar, is a change better at a depth, where does a
+miniseries' trend cross GPT-2? The one-sided one-sample t-test a record PR needs, Welch's test for an
+A/B at one depth, and the log-log power-law fit of nanochat's scaling notebook.
 
 CORE is noisy (the leaderboard's record rows are means of 5-7 seeds) and modded-nanogpt asks p < 0.01
 of its records, so "beats GPT-2" is a test over seeds, not a mean above 0.256525. Student's t
@@ -70,3 +72,45 @@ def one_sided(values, bar, alternative="greater", alpha=ALPHA):
         t = diff / (std / math.sqrt(n))
         p = t_sf(t, n - 1)
     return {**out, "std": std, "t": sign * t, "df": n - 1, "p": p, "significant": p < alpha}
+
+
+def welch(a, b, alternative="less"):
+    """Welch's t-test that mean(b) is less (or "greater") than mean(a), one-sided, without assuming equal
+    variances: the A/B test of a change over seeds at one depth. None when either side has under 2 values."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return None
+    va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+    diff = statistics.fmean(b) - statistics.fmean(a)
+    if va + vb == 0.0:
+        return {"t": math.copysign(math.inf, diff) if diff else 0.0, "df": na + nb - 2,
+                "p": (0.0 if (diff < 0) == (alternative == "less") else 1.0) if diff else 0.5}
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))  # Welch-Satterthwaite
+    return {"t": t, "df": df, "p": t_sf(-t if alternative == "less" else t, df)}
+
+
+def power_law(xs, ys):
+    """y = a * x^b by least squares on log10(x), log10(y), as nanochat's scaling notebook fits its
+    straight lines in log-log (np.polyfit(log x, log y, 1)); with r2 of that line."""
+    if len(xs) < 2 or min(xs) <= 0 or min(ys) <= 0:
+        raise ValueError("a power law needs at least two points, all positive")
+    lx, ly = [math.log10(x) for x in xs], [math.log10(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    sxx = sum((x - mx) ** 2 for x in lx)
+    if sxx == 0.0:
+        raise ValueError("a power law needs at least two different x")
+    b = sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx
+    intercept = my - b * mx
+    residual = sum((y - intercept - b * x) ** 2 for x, y in zip(lx, ly, strict=True))
+    total = sum((y - my) ** 2 for y in ly)
+    return {"a": 10 ** intercept, "b": b, "r2": 1.0 - residual / total if total else 1.0, "points": len(xs)}
+
+
+def power_law_at(fit, x):
+    return fit["a"] * x ** fit["b"]
+
+
+def power_law_crossing(fit, y):
+    """The x at which the fitted power law reaches `y` (None for a flat fit, which never does)."""
+    return None if fit["b"] == 0 else (y / fit["a"]) ** (1.0 / fit["b"])

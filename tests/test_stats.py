@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import scipy.special
 import scipy.stats as scipy_stats
@@ -54,3 +55,50 @@ def test_seeds_without_spread_are_decided_by_the_side_of_the_mean():
     assert stats.one_sided([0.3, 0.3, 0.3], 0.256525)["p"] == 0.0
     assert stats.one_sided([0.2, 0.2], 0.256525)["p"] == 1.0
     assert math.isinf(stats.one_sided([0.2, 0.2], 0.256525, "less")["t"]) is True
+
+
+# ----------------------------------------------------------------------------- A/B at one depth, scaling fits
+
+A_SEEDS = [0.8312, 0.8297, 0.8325, 0.8301]        # val_bpb of a recipe over seeds
+B_SEEDS = [0.8251, 0.8270, 0.8244]                # and of a change to it
+
+
+@pytest.mark.parametrize("alternative", ["less", "greater"])
+@pytest.mark.parametrize(("a", "b"), [(A_SEEDS, B_SEEDS), (B_SEEDS, A_SEEDS), (A_SEEDS, [0.8310, 0.8299, 0.8330])])
+def test_welchs_test_is_scipys(a, b, alternative):
+    ours = stats.welch(a, b, alternative)
+    theirs = scipy_stats.ttest_ind(b, a, equal_var=False, alternative=alternative)
+    assert ours["t"] == pytest.approx(float(theirs.statistic), rel=1e-12)
+    assert ours["p"] == pytest.approx(float(theirs.pvalue), rel=1e-9)
+    assert ours["df"] == pytest.approx(float(theirs.df), rel=1e-12)
+
+
+def test_welch_needs_two_seeds_a_side():
+    assert stats.welch([0.83], B_SEEDS) is None and stats.welch(A_SEEDS, [0.82]) is None
+
+
+# a CORE-like miniseries: training FLOPs per depth and a score that grows as a power of them
+FLOPS = [2.1e17, 6.0e17, 1.5e18, 3.4e18, 7.0e18]
+CORE = [0.118, 0.152, 0.183, 0.214, 0.241]
+
+
+def test_the_power_law_is_numpys_line_in_log_log():
+    fit = stats.power_law(FLOPS, CORE)
+    slope, intercept = np.polyfit(np.log10(FLOPS), np.log10(CORE), 1)
+    assert fit["b"] == pytest.approx(slope, rel=1e-12) and fit["a"] == pytest.approx(10 ** intercept, rel=1e-10)
+    r = np.corrcoef(np.log10(FLOPS), np.log10(CORE))[0, 1]
+    assert fit["r2"] == pytest.approx(r ** 2, rel=1e-12) and fit["points"] == 5
+
+
+def test_the_crossing_is_where_the_fit_reaches_gpt2s_core():
+    fit = stats.power_law(FLOPS, CORE)
+    x = stats.power_law_crossing(fit, 0.256525)
+    assert FLOPS[-1] < x < 10 * FLOPS[-1]                      # just past the biggest member
+    assert stats.power_law_at(fit, x) == pytest.approx(0.256525, rel=1e-12)
+    assert stats.power_law_crossing({"a": 0.2, "b": 0.0}, 0.256525) is None
+
+
+@pytest.mark.parametrize(("xs", "ys"), [([1e18], [0.2]), ([1e18, 2e18], [0.2, 0.0]), ([1e18, 1e18], [0.1, 0.2])])
+def test_a_power_law_refuses_what_it_cannot_fit(xs, ys):
+    with pytest.raises(ValueError):
+        stats.power_law(xs, ys)
