@@ -109,7 +109,7 @@ def targets(stage, args, specs_from_args=None):
 def run_target(target, body, threads=1):
     """Run `body(spec, inputs=, out=, work=, threads=)` for one target, the one way every stage runs:
     under the key's lock; not at all when its store directory is sealed; never on an unfinished input.
-    The body seals the store directory as its last act (rank 0 only, under torchrun). True if it ran."""
+    The body seals the store directory as its last act (rank 0 only, under torchrun)."""
     spec, out = target.spec, target.out
     name, done = f"{spec['stage']}-{spec['key']}", target.out / store.MANIFEST
     rank = int(os.environ.get("RANK", 0))
@@ -117,7 +117,7 @@ def run_target(target, body, threads=1):
     with keylock.for_stage(target.work_root, name, done):   # a second copy waits, then finds it done
         if done.is_file():
             say(f"{spec['stage']} {spec['key']}: up to date ({out})")
-            return False
+            return
         for d in target.inputs:
             store.read_manifest(d)
         t0 = time.time()
@@ -126,7 +126,6 @@ def run_target(target, body, threads=1):
             raise StageError(f"{spec['stage']} {spec['key']}: the stage ended without sealing {out} (a bug: please "
                              "report it with the log)")
     say(f"{spec['stage']} {spec['key']}: done in {time.time() - t0:.1f}s -> {out}")
-    return True
 
 
 def run_stage(stage, ap, run, argv=None, specs_from_args=None):

@@ -181,12 +181,12 @@ def tokenizer_of(checkpoint, manifest):
     return path
 
 
-def model_source(hf_model=None, checkpoint=None, tokenizer_dir=None, device=None):
-    """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a HF model (folder or
-    hub repo) with the tokenizer beside it in that folder or snapshot (pipeline.hf), unless a tokenizer
-    directory is given."""
-    if hf_model:
-        folder = hf.locate(hf_model, with_tokenizer=not tokenizer_dir).folder
+def model_source(hf_source=None, checkpoint=None, tokenizer_dir=None, device=None):
+    """(model, encode, bos, max_len, enc or None) for our checkpoint + tokenizer, or a located HF model
+    (hf.locate: a folder or hub snapshot) with the tokenizer beside it there, unless a tokenizer directory
+    is given."""
+    if hf_source:
+        folder = hf_source.folder
         if tokenizer_dir:
             enc = tokenizer.load(tokenizer_dir)
             encode, bos = enc.encode_ordinary, enc.encode_single_token(tokenizer.BOS)
@@ -209,7 +209,7 @@ def run(spec, inputs, out, work, threads):
     if "hf_model" in params:
         (bundle_dir,) = map(Path, inputs)
         hf_source = hf.locate(params["hf_model"])  # a hub repo is fetched here, once; recorded below
-        model, encode, bos, max_len, enc = model_source(hf_model=hf_source.folder, device=device)
+        model, encode, bos, max_len, enc = model_source(hf_source=hf_source, device=device)
     else:
         train_dir, bundle_dir, tok_dir, train_block, val_block = map(Path, inputs)
         model, encode, bos, max_len, enc = model_source(checkpoint=train_dir, tokenizer_dir=tok_dir, device=device)
@@ -265,14 +265,15 @@ def by_hand(args):
     manifest = None if args.hf_model else train_manifest(args.checkpoint)
     tok_dir = args.tokenizer or (None if args.hf_model else tokenizer_of(args.checkpoint, manifest))
     device, rank, _, world, _ = setup_device()
-    model, encode, bos, max_len, _ = model_source(args.hf_model, args.checkpoint, tok_dir, device)
+    hf_source = hf.locate(args.hf_model, with_tokenizer=not tok_dir) if args.hf_model else None
+    model, encode, bos, max_len, _ = model_source(hf_source, args.checkpoint, tok_dir, device)
     with tempfile.TemporaryDirectory() as tmp:
         tasks = core_tasks.load_tasks(bundle.unpacked(args.bundle, tmp))
         result = evaluate_core(Scorer(model, bos, device, args.batch_tokens), tasks, encode, bos, max_len,
                                args.max_per_task, args.allow_missing_tasks, rank, world,
                                log=lambda m: print(m, file=sys.stderr) if rank == 0 else None)
     # what the pipeline's core.json says too; a hand-made checkpoint folder has no key
-    source = ({"hf_model": args.hf_model, "hf_source": hf.record(args.hf_model, hf.locate(args.hf_model, False))}
+    source = ({"hf_model": args.hf_model, "hf_source": hf.record(args.hf_model, hf_source)}
               if args.hf_model else {"checkpoint_key": manifest and manifest["key"]})
     if rank == 0:
         store.write_json(args.out, {**result, **gpt2_verdict(result), **source,

@@ -29,8 +29,6 @@ from pipeline import cli, fetch, plan, shards, store
 from pipeline.errors import StageError
 from pipeline.fetch import BadBodyError
 
-shard_name = shards.shard_name
-
 # What to check when a source keeps serving bytes that are not a shard, or no shard at all.
 BAD_BODY_FIX = "check that the dataset's base_url serves nanochat-format parquet shards"
 MISSING_FIX = "check the dataset's base_url and revision, and that the shard index exists"
@@ -49,7 +47,7 @@ def dataset_url(base_url, revision=None):
 
 
 def shard_url(base_url, index, revision=None):
-    return f"{dataset_url(base_url, revision).rstrip('/')}/{shard_name(index)}"
+    return f"{dataset_url(base_url, revision).rstrip('/')}/{shards.shard_name(index)}"
 
 
 def is_commit(revision):
@@ -134,14 +132,8 @@ def reuse_unpinned(spec, out, work):
         dest = work / name
         if dest.exists() or store.mismatch(earlier / name, record) is not None:
             continue  # already here, or damaged there: fetched as usual
-        tmp = work / f".{name}.reuse"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(earlier / name, tmp)
-        except OSError:  # another filesystem
-            shutil.copyfile(earlier / name, tmp)
-        fetch.record_revision(dest, pinned)
-        os.replace(tmp, dest)
+        fetch.record_revision(dest, pinned)  # before the file: a shard in the work dir always has its commit
+        store.link_or_copy(earlier / name, dest)
         reused.append(name)
     if reused:
         print(f"{earlier}: {len(reused)} shards of commit {pinned} reused, not fetched again", file=sys.stderr)
@@ -152,7 +144,7 @@ def run(spec, inputs, out, work, threads):
     params, settings = spec["params"], spec["settings"]
     work.mkdir(parents=True, exist_ok=True)
     started = store.now_iso()
-    names = [shard_name(i) for i in params["shards"]]
+    names = [shards.shard_name(i) for i in params["shards"]]
     reused_from, reused = reuse_unpinned(spec, out, work)
     revision = BlockRevision(spec, work)
     for name in names:  # shards of an earlier, killed run set the block's commit before any new one is fetched
@@ -168,7 +160,7 @@ def run(spec, inputs, out, work, threads):
             bar.set_postfix_str(f"{nbytes[0] / 1e6:.0f} MB")
 
     def one(index):
-        name = shard_name(index)
+        name = shards.shard_name(index)
         dest = work / name
         url = shard_url(settings["base_url"], index, params.get("revision"))
         if dest.exists():  # renamed into place after verification; checked again, as the disk may have lost it

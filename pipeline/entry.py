@@ -37,6 +37,16 @@ def seed_values(published, field):
 NOT_NANOCHAT_FLAGS = ("recipe", "knobs", "seed", "compile", "fp8_fallback")
 
 
+def core_test(core, gpt2_core, alpha=stats.ALPHA):
+    """The one-sided t-test over a published core.json's seeds that its mean CORE beats GPT-2's."""
+    return stats.one_sided(seed_values(core, "core_metric"), gpt2_core, alpha=alpha)
+
+
+def time_test(summary, record_time, alpha=stats.ALPHA):
+    """The one-sided t-test over a train summary's seeds that its mean total_training_time is below the record's."""
+    return stats.one_sided(seed_values(summary, "total_training_time"), record_time, "less", alpha=alpha)
+
+
 def launch_command(train_manifest, nproc):
     """nanochat's own command for the row's flags (what a PR shows), one process per GPU as on the board."""
     params = {k: v for k, v in train_manifest["params"].items() if k not in NOT_NANOCHAT_FLAGS}
@@ -56,8 +66,6 @@ def entry(row, reference, alpha=stats.ALPHA, contributors="@you"):
     core, summary, manifest = row["core"], row["summary"], row["manifest"]
     trains = provenance.manifests(manifest["chain"], "train")
     number, record_time = record(reference)
-    times = seed_values(summary, "total_training_time")
-    cores = seed_values(core, "core_metric")
     hours = summary["total_training_time"] / 3600
     recipe = trains[0]["params"].get("recipe")
     next_number = max(r["number"] for r in reference["rows"]) + 1
@@ -79,8 +87,8 @@ def entry(row, reference, alpha=stats.ALPHA, contributors="@you"):
         "seeds": (core.get("seeds") or {}).get("seeds") or [trains[0]["params"].get("seed", 42)],
         "core_spread": (core.get("seeds") or {}).get("core_metric"),
         "comparable_to_gpt2": core.get("comparable_to_gpt2"),
-        "core_test": stats.one_sided(cores, reference["gpt2_core"], alpha=alpha),
-        "time_test": stats.one_sided(times, record_time, "less", alpha=alpha),
+        "core_test": core_test(core, reference["gpt2_core"], alpha),
+        "time_test": time_test(summary, record_time, alpha),
         "record": {"number": number, "total_training_time": record_time},
     }
 

@@ -54,6 +54,12 @@ def _hub():
     return snapshot_download, constants, errors
 
 
+def _first_line(error):
+    """An exception's first line (huggingface_hub and transformers write paragraphs), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _offline():
     # read at call time (huggingface_hub reads it once, at import)
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -90,9 +96,8 @@ def _fetch(repo, revision):
     except errors.HFValidationError as e:
         raise StageError(f"hf_model {where}: neither a folder on this machine nor a hub repo id (owner/name)") from e
     except (errors.HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StageError(f"hf_model {where}: fetching it from the hub failed ({first}); retry, or set hf_model to "
-                         "a folder that holds it") from e
+        raise StageError(f"hf_model {where}: fetching it from the hub failed ({_first_line(e)}); retry, or set "
+                         "hf_model to a folder that holds it") from e
     # the cache keeps each snapshot under the commit it resolved to
     return Source(folder=str(folder), repo=repo, revision=revision, commit=Path(folder).name)
 
@@ -237,8 +242,7 @@ class HFCausalLM(torch.nn.Module):
         try:
             self.model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StageError(f"{folder}: not a loadable causal LM ({first}); it {NEEDS}") from e
+            raise StageError(f"{folder}: not a loadable causal LM ({_first_line(e)}); it {NEEDS}") from e
         config = self.model.config
         self.sequence_len = getattr(config, "n_positions", None) or config.max_position_embeddings
 

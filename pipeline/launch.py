@@ -46,12 +46,20 @@ def flag_args(params, names=None):
     return args
 
 
+# base_train flags that only name a run (wandb's name, the checkpoint's tag): kept in a train spec's settings,
+# not its key, since renaming a run must not retrain it
+NAME_FLAGS = ("run", "model_tag")
+
+
+def run_names(spec):
+    """A train spec's name flags, as flag_args takes them."""
+    return {k: spec["settings"][k] for k in NAME_FLAGS if k in spec["settings"]}
+
+
 def train_argv(spec, inputs, out, work):
     """argv for `pipeline.train` (after the launcher)."""
-    settings = spec["settings"]
-    names = {k: settings[k] for k in ("run", "model_tag") if k in settings}
-    return [*flag_args(spec["params"], names), "--spec", compact_json(spec), "--inputs", *map(str, inputs),
-            "--out", str(out), "--work", str(work)]
+    return [*flag_args(spec["params"], run_names(spec)), "--spec", compact_json(spec), "--inputs",
+            *map(str, inputs), "--out", str(out), "--work", str(work)]
 
 
 def device_type(spec):
@@ -94,8 +102,7 @@ def core_command(spec, inputs, out, work, threads=None):
         return command
     # a HuggingFace model is fetched (or found missing, in one line) before torchrun starts, whose own
     # traceback would otherwise follow any rank's failure; grouped so that the rule's redirect takes both
-    fetch = " ".join(shlex.quote(c) for c in ["python", "-m", "pipeline.hf", "fetch", spec["params"]["hf_model"]])
-    return f"({fetch} && {command})"
+    return f"({_shell(['python', '-m', 'pipeline.hf', 'fetch', spec['params']['hf_model']])} && {command})"
 
 
 def locked(spec, out, work, cmd):

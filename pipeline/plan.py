@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 
 from pipeline import config as config_mod
-from pipeline import dims
+from pipeline import dims, launch
 from pipeline import recipe as recipes
 
 PIPELINE_DIR = Path(__file__).resolve().parent
@@ -44,8 +44,7 @@ STAGE_SOURCES = {
     "core": ("core.py", "core_tasks.py", "hf.py", "bundle.py", *_MODEL, *_SHARDS),
 }
 STAGES = ("download", "tokenizer", "pretokenize", "train", "bundle", "core")  # in chain order
-# Flags that only name things; renaming a run must not retrain it.
-TRAIN_NAME_FLAGS = ("run", "model_tag")
+TRAIN_NAME_FLAGS = launch.NAME_FLAGS  # outside the key: renaming a run must not retrain it
 # nanochat dev/LOG.md: best-fit packing crops ~35% of tokens at T=2048, so shards are sized up by 1/0.65.
 CROP_WASTE = 0.35
 

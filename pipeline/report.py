@@ -158,28 +158,19 @@ def leaderboard(rows, reference):
     return pd.DataFrame(lines, columns=COLUMNS)
 
 
-def _verdict(c, gpt2_core, alpha):
-    """Does the row beat GPT-2? Over seeds only where the one-sided t-test says so at p < alpha; one seed
-    allows no test, and the page says so."""
+def _verdict(c, gpt2_core, test):
+    """Does the row beat GPT-2? Over seeds only where the one-sided t-test (`test`, entry.core_test) says so
+    at p < its alpha; one seed allows no test, and the page says so."""
     if c is None:
         return "no CORE yet"
     if not c.get("comparable_to_gpt2"):
         return "not comparable (partial)"
-    if not c.get("seeds"):
+    if test["p"] is None:
         return "above, one seed: no test possible" if c["core_metric"] > gpt2_core else "no (one seed)"
-    values = c["seeds"]["core_metric"]["values"]
-    test = stats.one_sided(values, gpt2_core, alpha=alpha)
-    beating = f"{c['seeds']['core_metric']['beating']} of {len(values)} seeds beat it"
+    beating = f"{c['seeds']['core_metric']['beating']} of {test['n']} seeds beat it"
     if test["significant"]:
-        return f"yes (p = {test['p']:.4f} < {alpha}; {beating})"
-    return f"no (p = {test['p']:.4f}, not < {alpha}; {beating})"
-
-
-def _p_value(c, gpt2_core):
-    """The one-sided t-test's p that the row's mean CORE over seeds beats GPT-2 (None: one seed, or partial)."""
-    if not (c and c.get("comparable_to_gpt2") and c.get("seeds")):
-        return None
-    return stats.one_sided(c["seeds"]["core_metric"]["values"], gpt2_core)["p"]
+        return f"yes (p = {test['p']:.4f} < {test['alpha']}; {beating})"
+    return f"no (p = {test['p']:.4f}, not < {test['alpha']}; {beating})"
 
 
 def _setup(summary):
@@ -204,13 +195,6 @@ def _over_runs(summary, field):
     return statistics.fmean(values) if values and None not in values else None
 
 
-def _time_p(summary, record_time):
-    """The one-sided t-test's p that the row's mean total_training_time over seeds is below the record's."""
-    if not (summary and summary.get("seeds") and record_time):
-        return None
-    return stats.one_sided(entry.seed_values(summary, "total_training_time"), record_time, "less")["p"]
-
-
 def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
     """One line per row that has artifacts: what it ran on, what it cost, how to rerun it."""
     out = []
@@ -221,6 +205,7 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
         gpus = s.get("world_size", 0) if str(s.get("device", "cpu")).lower() != "cpu" else 0
         hours = s.get("total_training_time", 0) / 3600 if s else None
         spread = (c or {}).get("seeds", {}).get("core_metric", {})
+        core_test = entry.core_test(c, gpt2_core, alpha) if c and c.get("comparable_to_gpt2") else None
         out.append({  # numbers first; keys (long, one per seed) last
             "row": r["row"] + (" (imported)" if r["imported"] else ""),
             "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
@@ -229,9 +214,10 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
             "tok_per_sec": _over_runs(s, "tok_per_sec"), "mfu_percent": _over_runs(s, "mfu"), "setup": _setup(s),
             "seeds": len(_stage(m, "core")) or None,
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
-            "core_min": spread.get("min"), "core_max": spread.get("max"), "core_p": _p_value(c, gpt2_core),
-            "time_p": _time_p(s, record_time),
-            "beats_gpt2": _verdict(c, gpt2_core, alpha),
+            "core_min": spread.get("min"), "core_max": spread.get("max"),
+            "core_p": core_test["p"] if core_test else None,
+            "time_p": entry.time_test(s, record_time)["p"] if s and record_time else None,
+            "beats_gpt2": _verdict(c, gpt2_core, core_test),
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "recipe": recipe_text(r), "pipeline_commit": _commit(m),
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",

@@ -498,9 +498,8 @@ def main(argv=None):
     if args.spec:
         check_flags_match_spec(args, target.spec)
     else:  # the row's flags, as its spec has them; which checkpoint to resume stays the caller's
-        names = {k: target.spec["settings"][k] for k in plan.TRAIN_NAME_FLAGS if k in target.spec["settings"]}
         resume_from_step = args.resume_from_step
-        args = parse_args(launch.flag_args(target.spec["params"], names))
+        args = parse_args(launch.flag_args(target.spec["params"], launch.run_names(target.spec)))
         args.resume_from_step = resume_from_step
 
     def train(spec, inputs, out, work, threads):

@@ -140,7 +140,7 @@ def test_model_source_takes_model_and_tokenizer_from_one_folder(tiny):
     import torch
 
     from pipeline import core
-    model, encode, bos, max_len, enc = core.model_source(hf_model=str(tiny["tokenizer.json"]),
+    model, encode, bos, max_len, enc = core.model_source(hf_source=hf.locate(str(tiny["tokenizer.json"])),
                                                          device=torch.device("cpu"))
     assert enc is None and max_len == 128 and bos == hf.load_tokenizer(tiny["tokenizer.json"]).bos
     assert encode(SAMPLES[0]) == hf.load_tokenizer(tiny["tokenizer.json"]).encode_ordinary(SAMPLES[0])
