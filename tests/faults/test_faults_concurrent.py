@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,22 @@ def test_the_stage_cli_waits_while_another_process_holds_its_key(tmp_path, smoke
     assert store.verify(out) == []
 
 
+def process_tree(pid):
+    """pid and every process below it, read from /proc (Linux, as the rest of the fault suite)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
 def finished_but_lost_the_lockdir_race(output):
     """Snakemake's own unlock (persistence/file.py, _delete_locks) checks that .snakemake/locks exists,
     then removes it whole: two instances ending in the same instant (here the third finds the training
@@ -105,15 +122,29 @@ def test_a_third_snakemake_never_starts_a_second_training(smoke_run, tmp_path):
                                  text=True, env=ENV)
         logs = work / "results" / "logs" / "train"
         wait_for(lambda: list(logs.glob("*.log")) and b"step" in list(logs.glob("*.log"))[0].read_bytes(), 300)
-        second = snakemake(work, "--nolock", "reports/leaderboard.md")
-        assert second.returncode == 0, second.stderr[-2000:]
-        shutil.rmtree(work / ".snakemake" / "locks", ignore_errors=True)  # what a finishing instance does
-        assert first.poll() is None, "training ended before the third instance could start"
-        third = snakemake(work, target)
+        (log,) = logs.glob("*.log")
+        # The first instance is held still (SIGSTOP) while the other two run: a training that ends
+        # before the third starts would make the test's point by luck of timing, not by the lock.
+        paused = process_tree(first.pid)
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert not list((work / "results" / "store" / "train").glob("*/manifest.json"))
+            second = snakemake(work, "--nolock", "reports/leaderboard.md")
+            assert second.returncode == 0, second.stderr[-2000:]
+            shutil.rmtree(work / ".snakemake" / "locks", ignore_errors=True)  # what a finishing instance does
+            third = subprocess.Popen(snakemake_cmd(work, target), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=ENV)
+            # Snakemake removes the job's old log before starting it; the first instance writes on
+            # into the removed file, so what the log shows from here on is the third's job alone.
+            wait_for(lambda: log.exists() and b"already running (pid " in log.read_bytes(), 300)
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+        _, third_err = third.communicate(timeout=600)
         first_out, _ = first.communicate(timeout=600)
     assert first.returncode == 0 or finished_but_lost_the_lockdir_race(first_out), first_out[-3000:]
-    assert third.returncode == 0 or finished_but_lost_the_lockdir_race(third.stderr), third.stderr[-3000:]
-    (log,) = logs.glob("*.log")
+    assert third.returncode == 0 or finished_but_lost_the_lockdir_race(third_err), third_err[-3000:]
     text = log.read_bytes().decode(errors="replace")
     assert "already running (pid " in text and "nothing to run" in text
     (train_dir,) = (work / "results" / "store" / "train").iterdir()
