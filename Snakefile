@@ -13,11 +13,13 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-# `snakemake` with no target: the smoke row, end to end, and the leaderboard that shows it.
+# `snakemake` with no target: the smoke row end to end, its toy miniseries with an A/B (config's
+# series: smoke), and the leaderboard that shows them.
 DEFAULT_TARGETS = [
     "results/smoke/token_shards.json",
     "results/smoke/train_summary.json",
     "results/smoke/core.json",
+    "results/series/smoke/series.json",
     "reports/leaderboard.md",
 ]
 
@@ -29,6 +31,7 @@ include: "workflow/rules/pretokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/core.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/series.smk"
 
 
 localrules:
@@ -36,6 +39,7 @@ localrules:
     token_shards,
     train_summary,
     publish_row,
+    series,
     run_config,
     report,
 

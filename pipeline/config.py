@@ -141,18 +141,117 @@ def _batch_messages(where, row, sch):
     return [f"{where}.train.total_batch_size: {problem}"] if problem else []
 
 
+MEMBER = "series_member"  # marks a row made for a series (which, arm, depth)
+
+
+def member_name(series, arm, depth):
+    return f"{series}_d{depth}" if arm == "a" else f"{series}_{arm}_d{depth}"
+
+
+def _member(base, series, s, arm, depth):
+    """A series member: the base row at another depth (arm b: with the series' changes), named as
+    runs/miniseries.sh names its runs; run names are outside the keys, so sharing is unaffected."""
+    change = s.get("b", {}) if arm == "b" else {}
+    row = copy.deepcopy(base)
+    row.pop("reference", None)  # a member reproduces no published row
+    if "recipe" in change:
+        row["recipe"] = change["recipe"]
+    if change.get("knobs"):
+        row["knobs"] = {**row.get("knobs", {}), **change["knobs"]}
+    name = member_name(series, arm, depth)
+    row["train"] = {**row["train"], **change.get("train", {}), "depth": depth, "run": name, "model_tag": name}
+    if "seeds" in s:
+        row["seeds"] = list(s["seeds"])
+        row["train"].pop("seed", None)
+    row["description"] = f"{series} miniseries: {arm_label(s, arm)}, d{depth}"
+    row[MEMBER] = {"series": series, "arm": arm, "depth": depth}
+    return name, row
+
+
+def arm_label(s, arm):
+    """An arm's name on the page: its label, else the row (A) or what B changes."""
+    if arm == "a":
+        return s.get("label") or s["row"]
+    b = s["b"]
+    changes = ([f"recipe {b['recipe']}"] if "recipe" in b else []) + [
+        f"{k}={v}" for part in ("knobs", "train") for k, v in sorted(b.get(part, {}).items())]
+    return b.get("label") or f"{s['row']} + " + ", ".join(changes)
+
+
+def _series_rows(cfg):
+    """(member rows, problems): every series' members, for both arms."""
+    rows, members, problems = cfg["rows"], {}, []
+    for series, s in cfg.get("series", {}).items():
+        where = f"series.{series}"
+        base = rows.get(s["row"])
+        if base is None or MEMBER in base or "hf_model" in base:
+            what = "not a row" if base is None else "a published model, which has no depth" if "hf_model" in base \
+                else "itself a series member"
+            trained = [n for n, r in rows.items() if "hf_model" not in r and MEMBER not in r]
+            problems.append(f"{where}.row: {s['row']!r} is {what}; name a trained row of rows: "
+                            f"({', '.join(trained) or 'none'})")
+            continue
+        if "seed" in base["train"] and "seeds" in s:
+            problems.append(f"{where}.seeds: row {s['row']!r} sets train.seed; keep one of them")
+        for arm in ("a", "b") if "b" in s else ("a",):
+            for depth in s["depths"]:
+                name, row = _member(base, series, s, arm, depth)
+                if name in rows or name in members:
+                    problems.append(f"{where}: its member row {name!r} (arm {arm}, d{depth}) is already a row; "
+                                    "rename the series or that row")
+                members[name] = row
+    return members, problems
+
+
+def _with_members(cfg, sch):
+    """The series' members added to rows, each checked as a row is; problems name the series field."""
+    members, problems = _series_rows(cfg)
+    if problems or not members:
+        return problems
+    cfg["rows"].update(members)
+    only = {**cfg, "rows": members}
+    out = []
+    for message in _schema_messages(only, sch) + _cross_messages(only, sch):
+        name = next(n for n in members if message.startswith(f"rows.{n}."))
+        m = members[name][MEMBER]
+        out.append(f"series.{m['series']} (its member {name}: arm {m['arm']} at d{m['depth']}): "
+                   f"{message[len(f'rows.{name}.'):]}")
+    return out
+
+
+def _made_rows(cfg):
+    """Drop the series members a checked config already holds (they are made again from series:); a
+    row marked as a member that no series makes is refused."""
+    rows = cfg.get("rows")
+    if not isinstance(rows, dict):
+        return []
+    made = {name for name, row in rows.items() if isinstance(row, dict) and MEMBER in row}
+    for name in made:
+        del rows[name]
+    if not made:
+        return []
+    members, _ = _series_rows(cfg) if isinstance(cfg.get("series"), dict) else ({}, [])
+    return [f"rows.{name}.{MEMBER}: set by the config check on the rows it makes for series:; remove it (or "
+            "the row) here" for name in sorted(made - set(members))]
+
+
 def check(cfg, source="config/config.yaml"):
-    """Validated copy of `cfg` with defaults filled in; raises ConfigError listing every problem."""
+    """Validated copy of `cfg` with defaults filled in and series expanded into member rows (checking
+    an already checked config gives it back unchanged); raises ConfigError listing every problem."""
     cfg = copy.deepcopy(dict(cfg))
-    for row in (cfg.get("rows") or {}).values():
-        train = row.get("train") if isinstance(row, dict) else None
+    flag_sets = [row.get("train") for row in (cfg.get("rows") or {}).values() if isinstance(row, dict)]
+    flag_sets += [s.get("b", {}).get("train") for s in (cfg.get("series") or {}).values()
+                  if isinstance(s, dict) and isinstance(s.get("b"), dict)]
+    for train in flag_sets:
         if isinstance(train, dict) and isinstance(train.get("compile"), bool):
             # YAML reads a bare `compile: yes` / `no` as a boolean; the flag's values are the words
             train["compile"] = "yes" if train["compile"] else "no"
     sch = schema()
     messages = _schema_messages(cfg, sch)
     if not messages:
-        messages = _cross_messages(cfg, sch)
+        messages = _made_rows(cfg) or _cross_messages(cfg, sch)
+    if not messages:
+        messages = _with_members(cfg, sch)
     if messages:
         raise ConfigError(f"{source} is not valid:\n  " + "\n  ".join(messages))
     _fill_defaults(cfg, sch)

@@ -96,14 +96,15 @@ def seeds_train_summary(runs):
 
 def seeds_core(runs):
     """The mean CORE over seeds, its spread, how many seeds beat GPT-2 and the one-sided t-test that the
-    mean does (stats.one_sided; only if comparable). beats_gpt2 is that test at p < stats.ALPHA."""
+    mean does (stats.one_sided). beats_gpt2 is that test at p < stats.ALPHA, and only for a comparable
+    CORE: a capped or partial one keeps its test (a smoke row's seeds still show their spread) but beats nothing."""
     cores = [c for _, _, c in runs]
     comparable = all(c.get("comparable_to_gpt2") for c in cores)
     metric = spread([c["core_metric"] for c in cores], GPT2_CORE if comparable else None)
     tasks = {t: {f: statistics.fmean(c["tasks"][t][f] for c in cores) for f in ("centered", "accuracy")}
              for t in cores[0]["tasks"] if all(t in c["tasks"] for c in cores)}
     # is the mean over seeds past GPT-2's CORE, beyond the seeds' noise (stats.ALPHA; the report may set another)
-    test = stats.one_sided(metric["values"], GPT2_CORE) if comparable else None
+    test = stats.one_sided(metric["values"], GPT2_CORE)
     return {"core_metric": metric["mean"], "tasks": tasks, "partial": any(c["partial"] for c in cores),
             "tasks_evaluated": min(c["tasks_evaluated"] for c in cores), "max_per_task": cores[0]["max_per_task"],
             "gpt2_core": GPT2_CORE, "comparable_to_gpt2": comparable,

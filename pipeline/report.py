@@ -23,50 +23,18 @@ import argparse
 import base64
 import html
 import io
-import json
 import statistics
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+from pipeline import cli, config, entry, figures, plan, provenance, series, stats, store
+from pipeline.errors import StageError
+from pipeline.results import IMPORTED, first_train, load_row, stage_manifests
 
-from pipeline import cli, config, entry, plan, provenance, stats, store  # noqa: E402
-from pipeline import recipe as recipes  # noqa: E402
-from pipeline.errors import StageError  # noqa: E402
-
-IMPORTED = "imported"  # results/imported/<row>/: rows brought in by `import`
 COLUMNS = ["#", "time", "val_bpb", "CORE", "Description", "Date", "Commit", "Contributors"]
-
-
-def _read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_row(results, name, row_cfg, store_root=None):
-    """What results/<name>/ (or results/imported/<name>/) holds, or a 'not run' row."""
-    d = Path(results) / name
-    if not (d / "core.json").is_file() and (Path(results) / IMPORTED / name / "core.json").is_file():
-        d = Path(results) / IMPORTED / name
-    found = {"row": name, "description": row_cfg.get("description", name), "reference": row_cfg.get("reference"),
-             "hf_model": row_cfg.get("hf_model"), "recipe": None if "hf_model" in row_cfg else recipes.commit_of(
-                 row_cfg.get("recipe")), "status": "not run", "core": None, "summary": None,
-             "manifest": None, "metrics": [], "problems": [], "imported": d.parent.name == IMPORTED}
-    if not any((d / f).is_file() for f in provenance.PUBLISHED):
-        return found
-    problems = provenance.row_problems(d, store_root, provenance.REPORT_HASH_LIMIT)
-    if problems:
-        return {**found, "status": "refused", "problems": problems}
-    core, summary = _read_json(d / "core.json"), _read_json(d / "train_summary.json")
-    metrics = []
-    if (d / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {**found, "status": "reproduced" if core else "trained", "core": core, "summary": summary,
-            "manifest": provenance.read_row_manifest(d), "metrics": metrics}
 
 
 def _fmt(x, spec):
@@ -89,18 +57,8 @@ def _core_text(core):
     return text
 
 
-def _stage(manifest, stage):
-    """The row's manifests of one stage (one per seed)."""
-    return provenance.manifests((manifest or {}).get("chain", {}), stage)
-
-
-def _first_train(manifest):
-    """The first seed's train manifest ({} for a row without one): its git, resolved and params."""
-    return next(iter(_stage(manifest, "train")), {})
-
-
 def _commit(manifest):
-    git = _first_train(manifest).get("git") or {}
+    git = first_train(manifest).get("git") or {}
     if not git.get("commit"):
         return "-"
     return git["commit"][:7] + ("-dirty" if git.get("dirty") else "")
@@ -111,7 +69,7 @@ def recipe_text(r, ref=None):
     yet), its knob overrides, and whether it differs from the published row's commit."""
     if r["hf_model"]:
         return "-"
-    params = _first_train(r["manifest"]).get("params", {})
+    params = first_train(r["manifest"]).get("params", {})
     recipe = params.get("recipe") or (r["recipe"] if r["status"] == "not run" else None)
     if recipe is None:
         return "unversioned recipe (trained before recipes were recorded)"
@@ -124,7 +82,7 @@ def recipe_text(r, ref=None):
 
 
 def _date(manifest):
-    finished = max((m.get("finished_at") or "" for m in _stage(manifest, "core")), default="")
+    finished = max((m.get("finished_at") or "" for m in stage_manifests(manifest, "core")), default="")
     return finished[:10] or "-"
 
 
@@ -205,14 +163,14 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
         gpus = s.get("world_size", 0) if str(s.get("device", "cpu")).lower() != "cpu" else 0
         hours = s.get("total_training_time", 0) / 3600 if s else None
         spread = (c or {}).get("seeds", {}).get("core_metric", {})
-        core_test = entry.core_test(c, gpt2_core, alpha) if c and c.get("comparable_to_gpt2") else None
+        core_test = entry.core_test(c, gpt2_core, alpha) if c else None  # shown for a partial CORE too
         out.append({  # numbers first; keys (long, one per seed) last
             "row": r["row"] + (" (imported)" if r["imported"] else ""),
             "hardware": f"{s['device']} x {s['world_size']}" if s else (r["hf_model"] or "-"),
             "total_training_time_s": s.get("total_training_time"), "total_training_time_h": hours,
             "total_training_flops": s.get("total_training_flops"), "steps": s.get("step"),
             "tok_per_sec": _over_runs(s, "tok_per_sec"), "mfu_percent": _over_runs(s, "mfu"), "setup": _setup(s),
-            "seeds": len(_stage(m, "core")) or None,
+            "seeds": len(stage_manifests(m, "core")) or None,
             "core_metric": c["core_metric"] if c else None, "core_std": spread.get("std"),
             "core_min": spread.get("min"), "core_max": spread.get("max"),
             "core_p": core_test["p"] if core_test else None,
@@ -221,8 +179,8 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
             "cost_usd": hours * gpus * gpu_hour_usd if hours is not None and gpus else None,
             "recipe": recipe_text(r), "pipeline_commit": _commit(m),
             "command": m.get("command") or f"snakemake --cores all results/{r['row']}/core.json",
-            "train_key": " ".join(t["key"] for t in _stage(m, "train")) or None,
-            "core_key": " ".join(t["key"] for t in _stage(m, "core")) or None,
+            "train_key": " ".join(t["key"] for t in stage_manifests(m, "train")) or None,
+            "core_key": " ".join(t["key"] for t in stage_manifests(m, "core")) or None,
         })
     return pd.DataFrame(out)
 
@@ -230,99 +188,6 @@ def details(rows, gpt2_core, gpu_hour_usd, alpha=stats.ALPHA, record_time=None):
 def refusals(rows):
     """Rows whose files do not verify, with every reason."""
     return [(r["row"], p) for r in rows if r["status"] == "refused" for p in r["problems"]]
-
-
-# ----------------------------------------------------------------------------- figures
-
-def _curves(r):
-    """(hours, flops, val_bpb) at every evaluation of the row's training run."""
-    steps = {m["step"]: m for m in r["metrics"] if "loss" in m}
-    resolved = _first_train(r["manifest"]).get("resolved", {})
-    per_step = resolved.get("flops_per_token", 0) * resolved.get("total_batch_size", 0)
-    pts = [(steps[m["step"]]["total_training_time"] / 3600 if m["step"] in steps else 0.0, per_step * m["step"],
-            m["val_bpb"]) for m in r["metrics"] if "val_bpb" in m]
-    return list(zip(*pts, strict=True)) if pts else ([], [], [])
-
-
-def figures(rows, reference, per_task_row, out):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    trained = [r for r in rows if r["metrics"]]
-    for name, axis, label in (("val_bpb_vs_time", 0, "training time (hours)"),
-                              ("val_bpb_vs_flops", 1, "training FLOPs")):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in trained:
-            curve = _curves(r)
-            x, y = curve[axis], curve[2]
-            if axis == 1:  # a log axis has no room for the evaluation before the first step
-                x, y = zip(*[(a, b) for a, b in zip(x, y, strict=True) if a > 0], strict=True) or ([], [])
-            ax.plot(x, y, marker="o", ms=3, label=r["row"])
-        if axis == 1:
-            ax.set_xscale("log")
-        ax.set(xlabel=label, ylabel="val bpb", title=f"Validation bits per byte vs {label.split(' (')[0]}")
-        ax.grid(alpha=0.3)
-        if trained:
-            ax.legend(fontsize=8)
-        made[name] = _save(fig, out / f"{name}.png")
-    scored = [r for r in rows if r["core"]]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    names = [f"#{ref['number']}" for ref in reference["rows"]] + [r["row"] for r in scored]
-    values = [ref["core"] for ref in reference["rows"]] + [r["core"]["core_metric"] for r in scored]
-    colours = ["#bbbbbb"] * len(reference["rows"]) + ["#ff9f1c" if r["core"]["partial"] else "#2e86ab"
-                                                       for r in scored]
-    # seeds: the bar is the mean, the whisker spans the best and worst seed
-    low = [0.0] * len(reference["rows"]) + [r["core"]["core_metric"] - r["core"]["seeds"]["core_metric"]["min"]
-                                            if r["core"].get("seeds") else 0.0 for r in scored]
-    high = [0.0] * len(reference["rows"]) + [r["core"]["seeds"]["core_metric"]["max"] - r["core"]["core_metric"]
-                                             if r["core"].get("seeds") else 0.0 for r in scored]
-    ax.bar(names, values, color=colours)
-    seeded = [i for i, (lo, hi) in enumerate(zip(low, high, strict=True)) if lo or hi]
-    if seeded:
-        ax.errorbar(seeded, [values[i] for i in seeded], yerr=[[low[i] for i in seeded], [high[i] for i in seeded]],
-                    fmt="none", ecolor="#222222", capsize=4)
-    ax.axhline(reference["gpt2_core"], color="#c0392b", ls="--", label=f"GPT-2 {reference['gpt2_core']}")
-    # rows differ in the third decimal: start the axis near the lowest bar, not at 0
-    lows = [v - lo for v, lo in zip(values, low, strict=True)] + [reference["gpt2_core"]]
-    ax.set_ylim(max(0.0, min(lows) - 0.02), max(v + hi for v, hi in zip(values, high, strict=True)) + 0.01)
-    ax.set(ylabel="CORE", title="CORE per row (grey: published; orange: partial; whiskers: seeds' range)")
-    ax.tick_params(axis="x", rotation=45, labelsize=8)
-    ax.legend(fontsize=8)
-    made["core_per_row"] = _save(fig, out / "core_per_row.png")
-    chosen = next((r for r in scored if r["row"] == per_task_row), scored[0] if scored else None)
-    if chosen is not None:
-        tasks = chosen["core"]["tasks"]
-        labels = list(tasks)
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [tasks[t]["centered"] for t in labels], width=0.4, label=chosen["row"])
-        gpt2 = reference.get("gpt2_xl_centered", {})
-        ax.bar([x + 0.2 for x in xs], [gpt2.get(t, 0) for t in labels], width=0.4, color="#c0392b", alpha=0.6,
-               label="GPT-2 XL (published tasks only)")
-        ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=7)
-        ax.set(ylabel="centered accuracy", title=f"CORE per task: {chosen['row']}")
-        ax.legend(fontsize=8)
-        made["per_task"] = _save(fig, out / "per_task.png")
-    series = [r for r in scored if r["summary"]]
-    if len({_first_train(r["manifest"]).get("params", {}).get("depth")
-            for r in series}) >= 2:  # a miniseries: several depths
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
-        for r in series:
-            flops = r["summary"]["total_training_flops"]
-            a.scatter(flops, r["core"]["core_metric"])
-            b.scatter(flops, r["summary"]["min_val_bpb"])
-            a.annotate(r["row"], (flops, r["core"]["core_metric"]), fontsize=7)
-        for axis, name in ((a, "CORE"), (b, "val bpb")):
-            axis.set(xscale="log", xlabel="training FLOPs", ylabel=name)
-        made["scaling"] = _save(fig, out / "scaling.png")
-    return made
-
-
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -346,36 +211,138 @@ def _refused_md(refused):
             "shown:\n\n" + "".join(f"- `{row}`: {problem}\n" for row, problem in refused))
 
 
-def to_markdown(board, table, refused=()):
-    def md(df):
-        head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-        return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
-                              for row in df.itertuples(index=False))
+def _md(df):
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join("-" if pd.isna(v) else str(v) for v in row) + " |\n"
+                          for row in df.itertuples(index=False))
+
+
+def to_markdown(board, table, refused=(), sections=()):
     shown = formatted(table)
     if "command" in shown:
         shown["command"] = [f"`{c}`" for c in shown["command"]]
     return ("# Time to GPT-2: the leaderboard, regenerated\n\n"
             "Published rows (numbers) beside this pipeline's reproductions (`ours`). Time is "
-            "`total_training_time` in hours; CORE must exceed GPT-2's 0.256525.\n\n" + md(board)
-            + "\n## Reproduced rows\n\n" + (md(shown) if len(shown) else "None yet.\n") + _refused_md(refused))
+            "`total_training_time` in hours; CORE must exceed GPT-2's 0.256525.\n\n" + _md(board)
+            + "\n## Reproduced rows\n\n" + (_md(shown) if len(shown) else "None yet.\n") + _refused_md(refused)
+            + "".join(_series_md(sec) for sec in sections))
 
 
-def to_html(board, table, made, refused=()):
+# ----------------------------------------------------------------------------- series
+
+def series_sections(cfg, results, store_root=None):
+    """(name, series.json's content or None, why not) for each series of the config with any member run,
+    from its members' verified results (pipeline.series.build: what results/series/<name>/series.json holds)."""
+    out = []
+    for name in cfg["series"]:
+        if all(load_row(results, row, cfg["rows"][row], store_root)["status"] == "not run"
+               for rows in series.members(cfg, name).values() for _, row in rows):
+            continue  # nothing of it was run: not on the page
+        try:
+            out.append((name, series.build(cfg, name, results, store_root), None))
+        except StageError as e:
+            out.append((name, None, str(e)))
+    return out
+
+
+def _members_table(doc):
+    return pd.DataFrame([{
+        "arm": arm.upper(), "depth": p["depth"], "row": p["row"], "params": _fmt(p["params"], ",d"),
+        "tokens": _fmt(p["tokens"], ",d"), "tokens/param": _fmt(p["param_data_ratio"], ".2f"),
+        "total_training_flops": f"{p['total_training_flops']:.3e}", "total_training_time_s":
+        f"{p['total_training_time']:.1f}", "val_bpb": f"{p['val_bpb']:.5f}", "CORE": f"{p['core_metric']:.4f}"
+        + ("" if p["comparable_to_gpt2"] else " (capped)"), "seeds": p["seeds"]}
+        for arm, a in doc["arms"].items() for p in a["members"]])
+
+
+def _fit_text(f, y):
+    return f["why"] if "why" in f else f"{y} = {f['a']:.4g} · C^{f['b']:.4f} (r² {f['r2']:.4f})"
+
+
+def _crossing_text(c):
+    if "why" in c:
+        return f"no GPT-2 crossing: {c['why']}"
+    text = f"CORE's fit reaches GPT-2's {c['core']} at {c['flops']:.3e} FLOPs"
+    if c["depth"] is not None:
+        text += f", depth ≈ {c['depth']:.1f}"
+    if c["total_training_time"] is not None:
+        text += f", ≈ {c['total_training_time'] / 3600:.2f} h of training as these members ran"
+    notes = ["extrapolated beyond the members"] * c["extrapolated"] + [
+        "CORE capped or partial here: indicative only"] * (not c["comparable"])
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _fit_lines(doc):
+    """One line per arm: its power-law fits in training FLOPs C, and where CORE's reaches GPT-2."""
+    return [f"{arm.upper()} ({a['label']}): {_fit_text(a['fits']['val_bpb_vs_flops'], 'val_bpb')}; "
+            f"{_fit_text(a['fits']['core_vs_flops'], 'CORE')}; {_crossing_text(a['gpt2_crossing'])}"
+            for arm, a in doc["arms"].items()]
+
+
+def _ab_table(doc):
+    def cells(d, name, spec):
+        pv = d["p"]
+        return {f"{name} A": format(d["a"], spec), f"{name} B": format(d["b"], spec),
+                f"Δ{name}": format(d["diff"], "+" + spec), f"{name} ±": _fmt(d["spread"], spec),
+                f"{name} p": _fmt(pv, ".4g"), f"{name}: B better": "yes" if d["better"] else "no"}
+    return pd.DataFrame([{"depth": d["depth"], **cells(d["val_bpb"], "val_bpb", ".5f"),
+                          **cells(d["core_metric"], "CORE", ".4f")} for d in doc["ab"]["per_depth"]])
+
+
+def _series_title(name, doc):
+    arms = " vs ".join(f"{arm.upper()}: {a['label']}" for arm, a in doc["arms"].items())
+    return f"Miniseries {name} (depths {', '.join(map(str, doc['depths']))}; {arms})"
+
+
+def _series_md(section):
+    name, doc, why = section
+    if doc is None:
+        return f"\n## Miniseries {name}\n\nNot built: {why}\n"
+    text = f"\n## {_series_title(name, doc)}\n\n" + _md(_members_table(doc))
+    text += "\nPower laws in training FLOPs C (least squares in log-log, as nanochat's scaling notebook):\n\n"
+    text += "".join(f"- {line}\n" for line in _fit_lines(doc))
+    if "ab" in doc:
+        text += "\nA/B per depth (B - A; ± is the standard error of the difference over seeds):\n\n"
+        text += _md(_ab_table(doc)) + f"\n**Verdict:** {doc['ab']['verdict']}\n"
+    return text
+
+
+def _series_html(section, made):
+    name, doc, why = section
+    if doc is None:
+        return f"<h2>Miniseries {html.escape(name)}</h2><p>Not built: {html.escape(why)}</p>"
+    text = (f"<h2>{html.escape(_series_title(name, doc))}</h2><div class='scroll'>"
+            f"{_members_table(doc).to_html(index=False, escape=True, na_rep='-')}</div>"
+            "<p>Power laws in training FLOPs C (least squares in log-log, as nanochat's scaling notebook):</p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in _fit_lines(doc)) + "</ul>")
+    if "ab" in doc:
+        text += (f"<p>A/B per depth (B - A; ± is the standard error of the difference over seeds):</p>"
+                 f"<div class='scroll'>{_ab_table(doc).to_html(index=False, escape=True, na_rep='-')}</div>"
+                 f"<p class='verdict'><b>Verdict:</b> {html.escape(doc['ab']['verdict'])}</p>")
+    figure = made.get(f"series_{name}")
+    return text + (_img(f"series {name}", figure) if figure else "")
+
+
+def _img(title, path):
+    return (f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}'>")
+
+
+def to_html(board, table, made, refused=(), sections=()):
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
              "div.scroll{overflow-x:auto}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ddd;"
              "padding:4px 8px;text-align:left}th{background:#f4f6f8}tr:nth-child(even){background:#fafafa}"
              "img{max-width:100%;margin:0.5em 0}code{font-size:12px}td{white-space:nowrap}")
-    images = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3><img alt='{html.escape(name)}' "
-                     f"src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode()}'>"
-                     for name, p in made.items())
+    images = "".join(_img(name.replace("_", " "), p) for name, p in made.items() if not name.startswith("series_"))
     reproduced = (f"<div class='scroll'>{formatted(table).to_html(index=False, escape=True, na_rep='-')}</div>"
                   if len(table) else "<p>None yet.</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>Time to GPT-2</title><style>{style}</style>"
             f"</head><body><h1>Time to GPT-2: the leaderboard, regenerated</h1>"
             f"<p>Published rows beside this pipeline's reproductions. CORE must exceed GPT-2's 0.256525.</p>"
             f"{board.replace('`', '', regex=True).to_html(index=False, escape=True)}<h2>Reproduced rows</h2>"
-            f"{reproduced}{_refused_html(refused)}<h2>Figures</h2>{images}</body></html>")
+            f"{reproduced}{_refused_html(refused)}{''.join(_series_html(sec, made) for sec in sections)}"
+            f"<h2>Figures</h2>{images}</body></html>")
 
 
 def _refused_html(refused):
@@ -386,18 +353,24 @@ def _refused_html(refused):
 
 
 def build(cfg, reference, results, out, store_root=None):
-    rows = [load_row(results, name, row, store_root) for name, row in cfg["rows"].items()]
+    # a series' members are shown in their series, not as rows of the leaderboard
+    rows = [load_row(results, name, row, store_root) for name, row in cfg["rows"].items() if config.MEMBER not in row]
+    sections = series_sections(cfg, results, store_root)
     board = leaderboard(rows, reference)
     table = details(rows, reference["gpt2_core"], cfg["report"]["gpu_hour_usd"], cfg["report"]["alpha"],
                     entry.record(reference)[1])
     refused = refusals(rows)
     out = Path(out)
-    made = figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")
-    store.atomic_write(out / "leaderboard.md", to_markdown(board, table, refused))
+    made = figures.figures(rows, reference, cfg["report"].get("per_task_row"), out / "figures")
+    for name, doc, _ in sections:
+        if doc is not None:
+            made[f"series_{name}"] = figures.series_figure(doc, out / "figures" / f"series_{name}.png")
+    store.atomic_write(out / "leaderboard.md", to_markdown(board, table, refused, sections))
     csv = io.StringIO()
-    pd.concat([board.assign(kind="leaderboard"), table.assign(kind="reproduced")]).to_csv(csv, index=False)
+    members = [_members_table(doc).assign(kind=f"series {name}") for name, doc, _ in sections if doc is not None]
+    pd.concat([board.assign(kind="leaderboard"), table.assign(kind="reproduced"), *members]).to_csv(csv, index=False)
     store.atomic_write(out / "leaderboard.csv", csv.getvalue())
-    store.atomic_write(out / "leaderboard.html", to_html(board, table, made, refused))
+    store.atomic_write(out / "leaderboard.html", to_html(board, table, made, refused, sections))
     for row, problem in refused:
         print(f"refused row {row}: {problem}", file=sys.stderr)
     return rows

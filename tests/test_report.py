@@ -1,6 +1,5 @@
 import copy
 import csv
-import hashlib
 import json
 import re
 import shutil
@@ -13,63 +12,8 @@ import pytest
 import scipy.stats as scipy_stats
 import yaml
 
-from helpers import REPO
-from pipeline import config, entry, provenance, publish, report, store
-
-GIT = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": False}
-
-
-def sealed(store_root, stage, key, files, params=None, inputs=(), resolved=None):
-    """A real store directory: `files` written to scratch, then sealed with a manifest."""
-    scratch = store_root.parent / "scratch" / stage / key
-    scratch.mkdir(parents=True)
-    for name, text in files.items():
-        (scratch / name).write_text(text)
-    spec = {"stage": stage, "key": key, "params": params or {}, "inputs": list(inputs), "source_digest": "0" * 64}
-    store.seal(spec, list(files), scratch, store_root / stage / key, resolved=resolved,
-               extra={"git": GIT, "finished_at": "2026-12-01T10:00:00+00:00"})
-    return store_root / stage / key
-
-
-def write_row(results, name, *, core_metric, partial, time_s, depth, gpus=8, device="NVIDIA H100 80GB HBM3",
-              seeds=None, recipe=None):
-    """results/<name>/ as `snakemake results/<name>/core.json` leaves it, through the real publish code."""
-    store_root = results / "store"
-    trains, cores = [], []
-    for i, seed in enumerate(seeds or [None]):
-        metric = core_metric + 0.004 * (i - (len(seeds or [0]) - 1) / 2)  # seeds spread around the mean
-        tag = hashlib.sha256(f"{name}/{i}".encode()).hexdigest()
-        tasks = {"arc_easy": {"centered": 0.45 + i / 100, "accuracy": 0.59, "items": 2376, "correct": 1400,
-                              "type": "mc", "num_fewshot": 10, "random_baseline": 25.0},
-                 "piqa": {"centered": 0.42, "accuracy": 0.71, "items": 1838, "correct": 1300, "type": "mc",
-                          "num_fewshot": 10, "random_baseline": 50.0}}
-        core = {"core_metric": metric, "partial": partial, "tasks_evaluated": 2 if partial else 22, "tasks": tasks,
-                "max_per_task": -1, "comparable_to_gpt2": not partial,
-                "beats_gpt2": None if partial else metric > 0.256525}
-        summary = {"total_training_time": time_s + 60 * i, "total_training_flops": 4.33e19 * depth / 24,
-                   "step": 16704, "min_val_bpb": 0.7481, "val_bpb": 0.7483, "world_size": gpus, "device": device,
-                   "tok_per_sec": 811000.0 + 1000 * i, "mfu": 48.5 + i, "compiled": True, "window_attention": "flash",
-                   "fp8_layers": {"converted": ["transformer.h.0.attn.c_q (1536->1536)", "lm_head (1536->32768)"],
-                                  "skipped": []}}
-        steps = (1, 8000, 16704)
-        metrics = [{"step": s, "loss": 3.0 - s / 10000, "total_training_time": time_s * s / 16704} for s in steps]
-        metrics += [{"step": s, "val_bpb": 0.9 - s / 100000} for s in (0, 8000, 16704)]
-        train = sealed(store_root, "train", tag[:16],
-                       {"train_summary.json": store.json_text(summary),
-                        "metrics.jsonl": "".join(json.dumps(m) + "\n" for m in metrics)},
-                       params={"depth": depth, **({"seed": seed} if seed is not None else {}),
-                               **({"recipe": recipe} if recipe else {})},
-                       resolved={"flops_per_token": 4.9451e9 * depth / 24, "total_batch_size": 524288})
-        trains.append(train)
-        cores.append(sealed(store_root, "core", tag[16:32], {"core.json": store.json_text(core)},
-                            inputs=[f"train/{train.name}"]))
-    d = results / name
-    publish.train_summary(trains, d / "train_summary.json", d / "metrics.jsonl")
-    stage_dirs = {"train": trains, "core": cores}
-    publish.publish_seeded("core.json", trains, cores, d / "core.json")
-    store.write_json(d / "manifest.json", publish.row_manifest(
-        name, stage_dirs, f"snakemake --cores all results/{name}/core.json"))
-    return d
+from helpers import GIT, REPO, write_row
+from pipeline import config, entry, provenance, report, store
 
 
 @pytest.fixture
@@ -141,7 +85,8 @@ def test_html_is_self_contained_and_figures_are_real_pngs(built):
     out, _ = built
     page = (out / "leaderboard.html").read_text()
     assert not re.search(r"(src|href)=['\"]?https?://", page)
-    assert page.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png"))) == 5  # + scaling
+    # val_bpb vs time and vs FLOPs, CORE per row, per task (a series adds its own: see test_series)
+    assert page.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png"))) == 4
     for png in (out / "figures").glob("*.png"):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png.name

@@ -9,10 +9,12 @@ import subprocess
 import time
 
 import pytest
+import scipy.stats as scipy_stats
 import yaml
 
 from helpers import ENV, REPO, snakemake, snakemake_cmd, unlocked, write_config
 from pipeline import config, store
+from pipeline.core_tasks import GPT2_CORE
 
 pytestmark = pytest.mark.slow
 def kill_snakemake_once(workdir, target, started, timeout):
@@ -166,6 +168,14 @@ def test_a_row_with_seeds_trains_and_evaluates_once_per_seed(smoke_run):
     md = (work / "reports" / "leaderboard.md").read_text()   # drawn after the seeds' results, in the same run
     row = r"^\| smoke_seeds \| 0\.\d\d \| [0-9.]+ \| -?[0-9.]+ ± [0-9.]+ \(2 seeds\) \(partial"
     assert re.search(row, md, re.M), md
+    # its test: the one-sided t-test over the two seeds that the mean CORE beats GPT-2's, as scipy computes it;
+    # a capped CORE keeps the test but beats nothing
+    values = [r["core"]["core_metric"] for r in core["runs"]]
+    p = scipy_stats.ttest_1samp(values, GPT2_CORE, alternative="greater").pvalue
+    assert core["significance"]["n"] == 2 and core["significance"]["p"] == pytest.approx(p)
+    assert core["beats_gpt2"] is None and core["significance"]["significant"] is False
+    line = [line for line in md.splitlines() if line.startswith("| smoke_seeds | ")][-1]   # the details table
+    assert f"| {p:.4g} |" in line and "| not comparable (partial) |" in line
 
 
 # ----------------------------------------------------------------------------- the report, as a user expects it

@@ -66,6 +66,7 @@ shell.prefix(
 wildcard_constraints:
     key=pipeline_plan.KEY_PATTERN,
     row="|".join(re.escape(r) for r in PLAN.rows),
+    series="|".join(re.escape(s) for s in CFG["series"]) or "(?!)",  # (?!): no series, nothing matches
 
 
 def store_dirs(stage, keys):
@@ -140,10 +141,10 @@ def job_resources(stage):
     return {name: one(name) for name in pipeline_resources.NAMES}
 
 
-def requested_rows():
-    """Rows whose published files this run was asked for: Snakemake's targets (DAGSettings.targets of
-    its API), or rule all's when none were named. A run that makes a row and draws the page waits for
-    the row; a run that only draws the page trains nothing."""
+def requested(kind):
+    """Rows ("row") or series ("series") whose published files this run was asked for: Snakemake's targets
+    (DAGSettings.targets of its API), or rule all's when none were named. A run that makes a row and
+    draws the page waits for the row; a run that only draws the page trains nothing."""
     settings = getattr(workflow, "dag_settings", None)
     if not hasattr(settings, "targets"):
         raise WorkflowError(
@@ -153,7 +154,8 @@ def requested_rows():
     targets = {str(t) for t in settings.targets} or {"all"}
     if "all" in targets:  # the rule, named or implied
         targets |= set(DEFAULT_TARGETS)
-    return {m[1] for t in targets if (m := re.fullmatch(r"results/([^/]+)/(core|train_summary)\.json", t))}
+    pattern = {"row": r"results/([^/]+)/(core|train_summary)\.json", "series": r"results/series/([^/]+)/series\.json"}
+    return {m[1] for t in targets if (m := re.fullmatch(pattern[kind], t))}
 
 
 # a published file and the one that the report reads beside it
@@ -168,17 +170,33 @@ PUBLISHED = {
     for under in ("results", "results/imported")
     for name in COMPANION
     if exists(path := f"{under}/{row}/{name}")
-}
+} | {path for series in CFG["series"] if exists(path := f"results/series/{series}/series.json")}
+
+
+def is_member(row):
+    """A row made for a series: the page shows it in its series, not as a leaderboard row."""
+    return pipeline_config.MEMBER in CFG["rows"][row]
+
+
+def series_rows(wildcards):
+    """Input function: the published files of every member of a series, both arms."""
+    rows = [r for r in PLAN.rows if CFG["rows"][r].get(pipeline_config.MEMBER, {}).get("series") == wildcards.series]
+    return [f"results/{row}/{name}" for row in rows for pair in COMPANION.items() for name in pair]
 
 
 def report_rows(wildcards):
     """The row files the leaderboard reads and waits for. With report.rows: those rows' files (made if
     missing). Without: the published files there are (PUBLISHED), under results/ or results/imported/,
-    and the files of the rows this run was asked for. Never a row nobody asked for."""
+    and the files of the rows this run was asked for. Never a row nobody asked for. A series' members are
+    shown in their series (results/series/<name>/series.json: there, or asked for), never as rows."""
     listed = CFG["report"].get("rows")
-    asked = set(listed) if listed is not None else requested_rows()
-    files = set()
-    for row in PLAN.rows if listed is None else listed:
+    asked = set(listed) if listed is not None else requested("row")
+    files = {
+        path
+        for series in CFG["series"]
+        if (path := f"results/series/{series}/series.json") in PUBLISHED or series in requested("series")
+    }
+    for row in [r for r in PLAN.rows if not is_member(r)] if listed is None else listed:
         # a row without training (a published HuggingFace model) publishes only core.json
         names = [n for n in COMPANION if n == "core.json" or PLAN.rows[row].get("train")]
         if row in asked:
@@ -187,5 +205,5 @@ def report_rows(wildcards):
             files |= {
                 f"{under}/{row}/{name}" for under in ("results", "results/imported") for name in names
             } & PUBLISHED
-    files |= {os.path.join(os.path.dirname(f), COMPANION[os.path.basename(f)]) for f in files}
+    files |= {os.path.join(os.path.dirname(f), COMPANION[n]) for f in files if (n := os.path.basename(f)) in COMPANION}
     return sorted(files)
