@@ -4,8 +4,9 @@
     .venv/bin/python bench/report_screenshot.py --demo                  # a page built from demo rows
     .venv/bin/python bench/report_screenshot.py PAGE.html --out shot.png --width 1280 --height 2600
 
---demo builds the page from made-up rows (two reproduced, one with three seeds, one refused) so the
-layout can be judged before any GPU row exists; the numbers on it mean nothing.
+--demo builds the page from made-up rows (two reproduced, one with three seeds, one refused, and the
+`master` miniseries) so the layout can be judged before any GPU row exists; the numbers on it mean
+nothing.
 """
 
 import argparse
@@ -59,6 +60,9 @@ def demo_page(workdir):
     write_row(results, "d24_climbmix", core_metric=0.2601, partial=False, time_s=7020.0, depth=24, seeds=[1, 2, 3])
     write_row(results, "d12", core_metric=0.1510, partial=False, time_s=900.0, depth=12)
     (results / "d12" / "core.json").write_text((results / "d12" / "core.json").read_text().replace("0.151", "0.351"))
+    for depth in range(12, 28, 2):  # the config's `master` miniseries, on made-up power laws
+        write_row(results, f"master_d{depth}", depth=depth, partial=False, core_metric=0.2565 * (depth / 25) ** 1.6,
+                  val_bpb=0.72 * (depth / 24) ** -0.35, time_s=6000.0 * (depth / 24) ** 3)
     report.build(cfg, report.load_reference(REPO / "config" / "reference.yaml"), results, Path(workdir) / "reports",
                  results / "store")
     return Path(workdir) / "reports" / "leaderboard.html"

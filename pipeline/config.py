@@ -191,8 +191,6 @@ def _series_rows(cfg):
             problems.append(f"{where}.row: {s['row']!r} is {what}; name a trained row of rows: "
                             f"({', '.join(trained) or 'none'})")
             continue
-        if "seed" in base["train"] and "seeds" in s:
-            problems.append(f"{where}.seeds: row {s['row']!r} sets train.seed; keep one of them")
         for arm in ("a", "b") if "b" in s else ("a",):
             for depth in s["depths"]:
                 name, row = _member(base, series, s, arm, depth)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from pipeline import results, stats  # noqa: E402
 
@@ -126,6 +127,9 @@ def series_figure(doc, path):
         low, high = ax.get_xlim()
         if low > 0 and high / low >= 10:  # a real miniseries spans decades; a log axis over less labels badly
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.legend(fontsize=7)
     fig.suptitle(f"Miniseries {doc['series']}: depths {', '.join(map(str, doc['depths']))}")
     return _save(fig, path)

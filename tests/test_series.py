@@ -5,6 +5,7 @@ against scipy, and the smoke miniseries built end to end by the README's command
 import copy
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats as scipy_stats
 
-from helpers import REPO, write_row
+from helpers import REPO, ShardServer, snakemake, write_config, write_row
 from pipeline import config, plan, report, series
 from pipeline.core_tasks import GPT2_CORE
 
@@ -278,11 +279,24 @@ def test_a_series_not_yet_built_is_named_not_drawn(tmp_path, repo_config):
 # ----------------------------------------------------------------------------- end to end, on a CPU
 
 @pytest.mark.slow
-def test_the_readme_command_builds_the_smoke_miniseries_and_its_ab(smoke_run):
-    """`snakemake --cores all` (rule all) built series smoke from nothing beside the smoke row; the
-    second run did nothing (test_workflow.test_second_run_does_nothing)."""
-    work, cfg = smoke_run["dir"], config.check(smoke_run["cfg"])
-    assert smoke_run["first"].returncode == 0, smoke_run["first"].stderr[-3000:]
+def test_the_smoke_miniseries_and_its_ab_build_on_a_cpu_and_a_second_run_does_nothing(smoke_run, tmp_path):
+    """The issue's command, beside the smoke row's store (its data and its d2 training are reused): the
+    three other members are trained, evaluated and published, series.json and the page are written; then
+    nothing is left to do."""
+    work = tmp_path / "w"
+    shutil.copytree(smoke_run["dir"] / "results" / "store", work / "results" / "store")
+    targets = ("results/series/smoke/series.json", "reports/leaderboard.md")
+    with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
+        raw = copy.deepcopy(smoke_run["cfg"])
+        raw["datasets"]["webtext"]["base_url"] = server.url
+        cfg = config.check(write_config(work, raw))
+        first = snakemake(work, *targets)
+        assert first.returncode == 0, first.stderr[-3000:]
+        second = snakemake(work, *targets)
+    assert "Nothing to be done" in second.stdout + second.stderr, second.stderr[-2000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):", first.stdout + first.stderr, re.M)
+    assert jobs.count("train") == 3 and jobs.count("core") == 3 and jobs.count("series") == 1
+    assert not {"download", "tokenizer", "pretokenize"} & set(jobs)
     written = json.loads((work / "results" / "series" / "smoke" / "series.json").read_text())
     assert written == json.loads(json.dumps(series.build(cfg, "smoke", work / "results", work / "results" / "store")))
     assert [p["depth"] for p in written["arms"]["a"]["members"]] == [2, 4] == \
