@@ -5,7 +5,9 @@
                                   then one line of details per reproduced row
         reports/leaderboard.csv   the same rows, machine-readable
         reports/leaderboard.html  one self-contained page: tables and figures inline
-        reports/figures/*.png
+        reports/figures/*.png     (pipeline.figures)
+    and, after the rows, one section per miniseries of the config that has run (pipeline.series):
+    its members, power-law fits, GPT-2 crossing, the A/B per depth and its verdict, and its figure.
 
     python -m pipeline.report import DIR    # rows made elsewhere (a cluster's results/), sha256-checked
     python -m pipeline.report entry --row X # what a leaderboard PR needs for row X (pipeline.entry)

@@ -27,6 +27,7 @@ FITS = {"val_bpb_vs_flops": ("total_training_flops", "val_bpb"),
         "core_vs_flops": ("total_training_flops", "core_metric"),
         "flops_vs_depth": ("depth", "total_training_flops"),
         "time_vs_flops": ("total_training_flops", "total_training_time")}
+NAMES = {"core_metric": "CORE", "total_training_time": "total_training_time", "val_bpb": "val_bpb"}
 METRICS = {"val_bpb": ("val_bpb_values", "less"), "core_metric": ("core_values", "greater")}  # which way is better
 
 
@@ -63,7 +64,7 @@ def fit(points, x, y):
     """The power law y = a x^b over the members, or why there is none."""
     xs, ys = [p[x] for p in points], [p[y] for p in points]
     if None in ys or min(ys) <= 0:
-        return {"why": f"{y} is not positive at every depth, and a power law needs positive values"}
+        return {"why": f"{NAMES.get(y, y)} is not positive at every depth, and a power law needs positive values"}
     try:
         return stats.power_law(xs, ys)
     except ValueError as e:
@@ -75,7 +76,7 @@ def gpt2_crossing(fits, points):
     FLOPs-vs-depth and time-vs-FLOPs fits); extrapolated when outside the members' FLOPs."""
     core = fits["core_vs_flops"]
     if "why" in core:
-        return {"why": core["why"]}
+        return {"why": "CORE has no power-law fit to cross with"}
     if core["b"] <= 0:
         return {"why": f"CORE does not grow with FLOPs in this fit (exponent {core['b']:.3g}), so it never "
                        f"reaches {GPT2_CORE}"}

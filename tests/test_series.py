@@ -153,7 +153,8 @@ def test_no_crossing_when_core_is_not_positive_or_does_not_grow(tmp_path, repo_c
     for depth, core in ((12, -0.01), (16, 0.05), (20, 0.08)):
         write_row(results, f"sweep_d{depth}", depth=depth, partial=True, core_metric=core, time_s=100.0 * depth)
     arm = series.build(cfg, "sweep", results, results / "store")["arms"]["a"]
-    assert "not positive" in arm["fits"]["core_vs_flops"]["why"] and "why" in arm["gpt2_crossing"]
+    assert arm["fits"]["core_vs_flops"]["why"].startswith("CORE is not positive at every depth")
+    assert arm["gpt2_crossing"] == {"why": "CORE has no power-law fit to cross with"}
     assert "why" not in arm["fits"]["val_bpb_vs_flops"]   # val_bpb is flat here, which a power law fits
     for depth, core in ((12, 0.12), (16, 0.11), (20, 0.10)):
         write_row(results, f"sweep_d{depth}", depth=depth, partial=False, core_metric=core, time_s=100.0 * depth)
