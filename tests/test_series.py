@@ -283,44 +283,38 @@ def test_a_series_not_yet_built_is_named_not_drawn(tmp_path, repo_config):
 
 @pytest.mark.slow
 def test_the_smoke_miniseries_and_its_ab_build_on_a_cpu_and_a_second_run_does_nothing(smoke_run, tmp_path):
-    """The issue's command, beside the smoke row's store (its data are reused): the four members, two
-    seeds each, are trained, evaluated and published, series.json and the page are written, with a Welch
-    test per depth; then nothing is left to do."""
+    """The issue's command, beside the smoke row's store (its data and its d2 training are reused): the
+    three other members are trained, evaluated and published, series.json and the page are written; then
+    nothing is left to do. With one seed: the config's two seeds double the trainings (361 s against
+    ~180 s here), and the seeded A/B is checked on made-up rows against scipy above."""
     work = tmp_path / "w"
     shutil.copytree(smoke_run["dir"] / "results" / "store", work / "results" / "store")
     targets = ("results/series/smoke/series.json", "reports/leaderboard.md")
     with ShardServer(REPO / "tests" / "fixtures" / "webtext") as server:
         raw = copy.deepcopy(smoke_run["cfg"])
         raw["datasets"]["webtext"]["base_url"] = server.url
+        raw["series"]["smoke"].pop("seeds")
         cfg = config.check(write_config(work, raw))
         first = snakemake(work, *targets)
         assert first.returncode == 0, first.stderr[-3000:]
         second = snakemake(work, *targets)
     assert "Nothing to be done" in second.stdout + second.stderr, second.stderr[-2000:]
     jobs = re.findall(r"^(?:local)?rule (\w+):", first.stdout + first.stderr, re.M)
-    assert jobs.count("train") == 8 and jobs.count("core") == 8 and jobs.count("series") == 1
+    assert jobs.count("train") == 3 and jobs.count("core") == 3 and jobs.count("series") == 1
     assert not {"download", "tokenizer", "pretokenize"} & set(jobs)
     written = json.loads((work / "results" / "series" / "smoke" / "series.json").read_text())
     assert written == json.loads(json.dumps(series.build(cfg, "smoke", work / "results", work / "results" / "store")))
     assert [p["depth"] for p in written["arms"]["a"]["members"]] == [2, 4] == \
         [p["depth"] for p in written["arms"]["b"]["members"]]
+    # d2 of arm A is the smoke row: trained once
     keys = {p["row"]: p["train_keys"] for a in written["arms"].values() for p in a["members"]}
-    assert all(keys[row] == plan.make_plan(cfg).rows[row]["train"] for row in keys)
-    # eight trainings beside the smoke row's own one
-    assert len({k for ks in keys.values() for k in ks}) == 8 == len(list((work / "results/store/train").iterdir())) - 1
+    assert keys["smoke_d2"] == plan.make_plan(cfg).rows["smoke"]["train"]
+    assert len({k for ks in keys.values() for k in ks}) == 4 == len(list((work / "results/store/train").iterdir()))
     flops = {p["row"]: p["total_training_flops"] for a in written["arms"].values() for p in a["members"]}
     assert flops["smoke_d4"] > flops["smoke_d2"] and flops["smoke_b_d4"] == flops["smoke_d4"]
     assert written["arms"]["a"]["fits"]["val_bpb_vs_flops"]["points"] == 2
     assert written["ab"]["verdict"].startswith("matrix_lr 0.04 vs smoke: better at ")
-    assert written["ab"]["verdict"].endswith("(Welch's one-sided t-test over seeds at p < 0.01)")
-    a, b = written["arms"]["a"]["members"], written["arms"]["b"]["members"]
-    for d, pa, pb in zip(written["ab"]["per_depth"], a, b, strict=True):
-        assert pa["seeds"] == pb["seeds"] == 2
-        p = scipy_stats.ttest_ind(pb["val_bpb_values"], pa["val_bpb_values"], equal_var=False, alternative="less")
-        assert d["val_bpb"]["p"] == pytest.approx(p.pvalue)
     md = (work / "reports" / "leaderboard.md").read_text()
     assert "## Miniseries smoke (depths 2, 4; A: smoke vs B: matrix_lr 0.04)" in md
     assert f"**Verdict:** {written['ab']['verdict']}" in md
-    first_depth = written["ab"]["per_depth"][0]["val_bpb"]
-    assert f"| {first_depth['p']:.4g} |" in md   # the p-values on the page
     assert (work / "reports" / "figures" / "series_smoke.png").stat().st_size > 10_000
