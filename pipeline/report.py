@@ -237,11 +237,11 @@ def series_sections(cfg, results, store_root=None):
     from its members' verified results (pipeline.series.build: what results/series/<name>/series.json holds)."""
     out = []
     for name in cfg["series"]:
-        if all(load_row(results, row, cfg["rows"][row], store_root)["status"] == "not run"
-               for rows in series.members(cfg, name).values() for _, row in rows):
+        loaded = series.load(cfg, name, results, store_root)  # verified once, for both questions
+        if all(r["status"] == "not run" for rows in loaded.values() for _, r in rows):
             continue  # nothing of it was run: not on the page
         try:
-            out.append((name, series.build(cfg, name, results, store_root), None))
+            out.append((name, series.build(cfg, name, results, store_root, loaded), None))
         except StageError as e:
             out.append((name, None, str(e)))
     return out

@@ -27,7 +27,7 @@ FITS = {"val_bpb_vs_flops": ("total_training_flops", "val_bpb"),
         "core_vs_flops": ("total_training_flops", "core_metric"),
         "flops_vs_depth": ("depth", "total_training_flops"),
         "time_vs_flops": ("total_training_flops", "total_training_time")}
-NAMES = {"core_metric": "CORE", "total_training_time": "total_training_time", "val_bpb": "val_bpb"}
+NAMES = {"core_metric": "CORE"}  # how a field is named in a message, where not by itself
 METRICS = {"val_bpb": ("val_bpb_values", "less"), "core_metric": ("core_values", "greater")}  # which way is better
 
 
@@ -122,18 +122,23 @@ def ab(a_points, b_points, labels, alpha):
     return {"per_depth": per_depth, "verdict": verdict, "alpha": alpha}
 
 
-def build(cfg, name, results_dir, store_root=None):
-    """series.json of series `name`: every member verified and present, or a StageError naming the missing."""
-    arms = members(cfg, name)
+def load(cfg, name, results_dir, store_root=None):
+    """{arm: [(depth, loaded row)]} of series `name`, each member's files verified (results.load_row)."""
+    return {arm: [(depth, results.load_row(results_dir, row, cfg["rows"][row], store_root)) for depth, row in rows]
+            for arm, rows in members(cfg, name).items()}
+
+
+def build(cfg, name, results_dir, store_root=None, loaded=None):
+    """series.json of series `name` (from `loaded`, series.load's answer, if the caller has it): every member
+    verified and present, or a StageError naming the missing."""
+    loaded = loaded or load(cfg, name, results_dir, store_root)
     s = cfg["series"][name]
-    loaded = {arm: [(depth, results.load_row(results_dir, row, cfg["rows"][row], store_root)) for depth, row in rows]
-              for arm, rows in arms.items()}
     missing = [f"{r['row']} ({r['status']})" for rows in loaded.values() for _, r in rows
                if r["status"] != "reproduced" or not r["summary"]]
     if missing:
         raise StageError(f"series {name}: members without verified results: {', '.join(missing)}; build them with "
                          f"`snakemake --cores all results/series/{name}/series.json`")
-    labels = {arm: config.arm_label(s, arm) for arm in arms}
+    labels = {arm: config.arm_label(s, arm) for arm in loaded}
     out = {"series": name, "row": s["row"], "depths": s["depths"], "gpt2_core": GPT2_CORE, "arms": {}}
     for arm, rows in loaded.items():
         points = [point(r, depth) for depth, r in rows]
