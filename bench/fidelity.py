@@ -37,6 +37,12 @@ RUN = {"device_type": "cpu", "depth": 4, "max_seq_len": 512, "device_batch_size"
 GOAL = 0.005  # relative val bpb difference at the last step
 
 
+def pythonpath(first):
+    """PYTHONPATH with `first` ahead of what is set already (on the lent GPU that holds the carried wheels
+    and the wandb stub bench/gpu_check.sh installs)."""
+    return os.pathsep.join(filter(None, [str(first), os.environ.get("PYTHONPATH")]))
+
+
 def run_measured(cmd, env, log):
     """Run to completion with its output in `log`; (wall s, peak RSS of this child in bytes)."""
     t0 = time.time()
@@ -68,7 +74,7 @@ def nanochat_side(args, out, data, run=RUN):
         subprocess.run([*py, "-m", "scripts.tok_train"], cwd=args.nanochat, env=env, check=True, capture_output=True)
     flags = launch.flag_args(run)
     wall, rss = run_measured([*py, "-m", "scripts.base_train", "--run=dummy", *flags],
-                             {**env, "PYTHONPATH": str(args.nanochat)}, out / "nanochat.log")
+                             {**env, "PYTHONPATH": pythonpath(args.nanochat)}, out / "nanochat.log")
     text = (out / "nanochat.log").read_text()
     bpb = {str(int(s)): float(v) for s, v in re.findall(r"Step (\d+) \| Validation bpb: ([\d.]+)", text)}
     steps = re.findall(r"step (\d+)/\d+ .*?\| loss: ([\d.]+) .*?\| tok/sec: ([\d,]+)", text)
@@ -80,17 +86,22 @@ def nanochat_side(args, out, data, run=RUN):
 def our_side(args, out, data, run=RUN):
     """Our tokenizer, token shards and train stages for a row of this recipe with the flags `run` on the same
     shards; the train stage always runs (a sealed result of an earlier run is removed first)."""
+    numbers = [int(path.stem.removeprefix("shard_")) for path in data]
+    train_shards = len(data) - 1
+    if numbers[:-1] != list(range(train_shards)):  # our download names shards by number (nanochat: by order)
+        sys.exit(f"{data[0].parent}: the training shards must be shard_00000 .. shard_{train_shards - 1:05d} "
+                 f"(found {', '.join(path.name for path in data[:-1])}); the last file validates")
     cfg = {"store_dir": str(out.parent / "store"), "work_dir": str(out / "work"),  # shards shared by all recipes
-           "datasets": {"fidelity": {"hf_repo": None, "base_url": str(data[0].parent), "val_shard": len(data) - 1,
-                                     "block_size": len(data) - 1}},
+           "datasets": {"fidelity": {"hf_repo": None, "base_url": str(data[0].parent.resolve()),
+                                     "val_shard": numbers[-1], "block_size": train_shards}},
            "tokenizers": {"fidelity_32k": {"dataset": "fidelity", "vocab_size": 32768, "max_chars": 2_000_000_000,
-                                           "doc_cap": 10_000, "train_shards": len(data) - 1}},
+                                           "doc_cap": 10_000, "train_shards": train_shards}},
            "rows": {"fidelity": {"recipe": args.recipe, "dataset": "fidelity", "tokenizer": "fidelity_32k",
-                                 "train_shards": len(data) - 1, "launch": {"nproc_per_node": 1},
+                                 "train_shards": train_shards, "launch": {"nproc_per_node": 1},
                                  "train": {**run, "run": "dummy", "compile": args.compile}}}}
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": pythonpath(REPO)}
     common = ["--row", "fidelity", "--config", str(config_path)]
     for stage in ("download", "tokenizer", "pretokenize"):
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *common], env=env, check=True, capture_output=True)
