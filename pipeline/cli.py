@@ -41,6 +41,14 @@ def parser(stage, description, out_help=None):
     return ap
 
 
+def roots(args):
+    """(store root, work root) of a command that names no spec: --store/--work, else those of --config where
+    that file is there, else results/store and results/work."""
+    cfg = plan.load_config(args.config) if Path(args.config).is_file() else {}
+    return (Path(args.store or cfg.get("store_dir", DEFAULT_STORE)),
+            Path(args.work or cfg.get("work_dir", DEFAULT_WORK)))
+
+
 def row_specs(cfg, config_path, row, stage):
     """The specs of `stage` that `row` needs (a row without that stage is an error)."""
     p = plan.make_plan(cfg)

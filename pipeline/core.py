@@ -11,6 +11,7 @@ never comparable to GPT-2's 0.256525.
 """
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import bundle, cli, core_tasks, evaluate, hf, launch, store, tokenizer
+from pipeline import bundle, cli, core_tasks, evaluate, hf, launch, plan, store, tokenizer
 from pipeline.device import setup_device
 from pipeline.errors import StageError
 from pipeline.loader import DistributedLoader
@@ -247,21 +248,27 @@ def run(spec, inputs, out, work, threads):
     log(f"CORE {result['core_metric']:.4f}{' (partial)' if result['partial'] else ''} -> {out}", file=sys.stderr)
 
 
-def inside_sealed_dir(path):
-    """The sealed store directory (one with a manifest) that `path` would be written into, if any."""
-    for d in Path(path).resolve().parents:
+def inside_store(path, store_root):
+    """What of the store `path` would be written into, if anything: the store root, a sealed directory (one
+    with a manifest, in any store), or one shaped as a stage's (<stage>/<key>, sealed or left by a kill)."""
+    path, store_root = Path(path).resolve(), Path(store_root).resolve()
+    for d in path.parents:
         if (d / store.MANIFEST).is_file():
-            return d
+            return f"the sealed store directory {d}"
+        if d.parent.name in plan.STAGES and re.fullmatch(plan.KEY_PATTERN, d.name):
+            return f"the store directory {d}"
+    if store_root == path or store_root in path.parents:
+        return f"the store {store_root}"
     return None
 
 
 def by_hand(args):
     """CORE of a checkpoint folder or a HuggingFace model, written to a plain file: outside the store,
     with no manifest, so nothing later builds on it (a row's stored result: its core.json target)."""
-    sealed = inside_sealed_dir(args.out)
-    if sealed is not None:
-        raise StageError(f"--out {args.out} is inside the sealed store directory {sealed}; write the by-hand "
-                         "result elsewhere (the store is only written by its stages)")
+    inside = inside_store(args.out, cli.roots(args)[0])
+    if inside is not None:
+        raise StageError(f"--out {args.out} is inside {inside}; write the by-hand result elsewhere (the store "
+                         "is only written by its stages)")
     manifest = None if args.hf_model else train_manifest(args.checkpoint)
     tok_dir = args.tokenizer or (None if args.hf_model else tokenizer_of(args.checkpoint, manifest))
     device, rank, _, world, _ = setup_device()
@@ -289,7 +296,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", help="a train store directory (model.pt, model.json)")
     ap.add_argument("--hf-model", help="instead: a HuggingFace causal LM, e.g. openai-community/gpt2-xl or a folder")
     ap.add_argument("--tokenizer", help="our tokenizer store directory (default: the one the --checkpoint store "
-                                        "directory was trained with; with --hf-model, tiktoken's gpt2)")
+                                        "directory was trained with); an --hf-model brings its own")
     ap.add_argument("--bundle", help="an eval bundle: its folder or eval_bundle.zip")
     ap.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all, as the leaderboard)")
     ap.add_argument("--allow-missing-tasks", action="store_true")

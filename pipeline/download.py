@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline import cli, fetch, plan, shards, store
+from pipeline import cli, fetch, keylock, plan, shards, store
 from pipeline.errors import StageError
 from pipeline.fetch import BadBodyError
 
@@ -226,15 +226,22 @@ def check_intact(directory):
                          + f"; `python -m pipeline.download --repair {directory}` fetches the damaged shards again")
 
 
-def repair(directory, *, attempts=None, backoff_s=None, timeout=None):
+def repair(directory, work_root, *, attempts=None, backoff_s=None, timeout=None):
     """Fetch again every shard of a finished download directory that does not match its manifest; the
     new bytes must be exactly the recorded ones. The manifest stays as it is: once each bad file is
-    replaced (atomically) the directory is what it records again. Returns the names fetched."""
+    replaced (atomically) the directory is what it records again. Held under the key's lock in
+    `work_root`, as the stage's runs are: two repairs (or a repair and a run) never share the scratch.
+    Returns the names fetched."""
     directory = Path(directory)
     manifest = store.read_manifest(directory)
     if manifest.get("stage") != "download":
         raise StageError(f"{directory}: a {manifest.get('stage')} directory; --repair refetches download "
                          "directories only (delete this one and rerun its Snakemake target)")
+    with keylock.held(work_root, f"download-{manifest['key']}"):
+        return _refetch(directory, manifest, attempts, backoff_s, timeout)
+
+
+def _refetch(directory, manifest, attempts, backoff_s, timeout):
     settings = manifest["settings"]
     # the commit the block came from: its bytes are still there after main has moved on
     revision = manifest["resolved"].get("revision") or manifest["params"].get("revision")
@@ -279,8 +286,8 @@ def main(argv=None):
                                                    "that no longer match its manifest")
 
     def specs_from_args(args):
-        if args.repair:
-            fetched = repair(args.repair)
+        if args.repair:  # under the lock the stage's runs hold, in their work root
+            fetched = repair(args.repair, cli.roots(args)[1])
             print(f"{args.repair}: " + (f"fetched {', '.join(fetched)} again" if fetched else "verifies; "
                                         "nothing to fetch"), file=sys.stderr)
             return []

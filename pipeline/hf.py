@@ -113,6 +113,20 @@ def no_tokenizer(folder):
             "repo that has both")
 
 
+def no_model(folder):
+    """Why `folder` has no causal LM to load (None when it has config.json and weights)."""
+    folder = Path(folder)
+    lacks = [what for what, there in (("config.json", (folder / "config.json").is_file()),
+                                      ("the weights (model.safetensors or pytorch_model.bin)",
+                                       _has(folder, (*SAFETENSORS, *PICKLES))))
+             if not there]
+    if not lacks:
+        return None
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return (f"{folder}: no model to load: it lacks {' and '.join(lacks)} (it has {', '.join(present) or 'nothing'}); "
+            "save it with model.save_pretrained(folder), or name the hub repo that has it")
+
+
 def _locate(hf_model, with_tokenizer):
     hf_model = str(hf_model)
     path = Path(hf_model).expanduser()
@@ -125,7 +139,7 @@ def _locate(hf_model, with_tokenizer):
     else:
         source = _fetch(repo, revision or None)
     # said here, where a failure is said once, rather than by every rank loading it
-    missing = with_tokenizer and no_tokenizer(source.folder)
+    missing = no_model(source.folder) or (with_tokenizer and no_tokenizer(source.folder))
     if missing:
         raise StageError(f"hf_model {hf_model}: {missing}")
     return source

@@ -61,7 +61,7 @@ def canonical(obj):
         if isinstance(x, list | tuple):
             return [norm(v) for v in x]
         return x
-    return json.dumps(norm(obj), sort_keys=True, separators=(",", ":"))
+    return launch.compact_json(norm(obj))
 
 
 @cache

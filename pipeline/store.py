@@ -28,7 +28,9 @@ from pipeline.errors import StageError
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Versions recorded in every manifest: what decides the numbers a stage produces.
-TRACKED_PACKAGES = ("snakemake", "torch", "torchao", "tiktoken", "rustbpe", "pyarrow", "numpy", "pandas")
+# (transformers, tokenizers and huggingface_hub: a HuggingFace row's model, tokenizer and fetch; None without)
+TRACKED_PACKAGES = ("snakemake", "torch", "torchao", "tiktoken", "rustbpe", "pyarrow", "numpy", "pandas",
+                    "transformers", "tokenizers", "huggingface_hub")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # out of space, or out of quota: the same fix
 
 

@@ -11,6 +11,7 @@ Outputs: model.pt, model.json, metrics.jsonl, train_summary.json, sealed with a 
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -487,6 +488,13 @@ def check_flags_match_spec(args, spec):
                              "flags of the spec (`python -m pipeline.plan spec <key>` prints it)")
 
 
+def train_target(args, spec, inputs, out, work, threads):
+    """One target's training: train and validation blocks of one dataset commit (the tokenizer checked its
+    own), then the Trainer."""
+    download.one_commit([store.read_manifest(d) for d in inputs[1:]], f"train {spec['key']}")
+    Trainer(args, spec, inputs, out, work).run()
+
+
 @cli.user_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -494,20 +502,15 @@ def main(argv=None):
         raise StageError("say what to train on: --row <row of config/config.yaml> (e.g. --row d26_fp8, whose "
                          "token shards `snakemake results/<row>/token_shards.json` builds), or --spec as "
                          "Snakemake passes it")
-    (target,) = cli.targets("train", args)
-    if args.spec:
-        check_flags_match_spec(args, target.spec)
-    else:  # the row's flags, as its spec has them; which checkpoint to resume stays the caller's
-        resume_from_step = args.resume_from_step
-        args = parse_args(launch.flag_args(target.spec["params"], launch.run_names(target.spec)))
-        args.resume_from_step = resume_from_step
-
-    def train(spec, inputs, out, work, threads):
-        # train and validation blocks of one dataset commit (the tokenizer checked its own)
-        download.one_commit([store.read_manifest(d) for d in inputs[1:]], f"train {spec['key']}")
-        Trainer(args, spec, inputs, out, work).run()
-
-    cli.run_target(target, train)
+    given = args
+    for target in cli.targets("train", given):  # a seeded row trains each seed in turn, as core evaluates them
+        if given.spec:
+            check_flags_match_spec(given, target.spec)
+            args = given
+        else:  # the row's flags, as its spec has them; which checkpoint to resume stays the caller's
+            args = parse_args(launch.flag_args(target.spec["params"], launch.run_names(target.spec)))
+            args.resume_from_step = given.resume_from_step
+        cli.run_target(target, functools.partial(train_target, args))
     return 0
 
 

@@ -1,13 +1,14 @@
 import copy
 import json
 import shutil
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import WEBTEXT
-from pipeline import config, download, plan, store
+from pipeline import config, download, keylock, plan, store
 from pipeline.errors import StageError
 
 SHARD = "shard_00001.parquet"
@@ -283,8 +284,26 @@ def test_repair_fetches_the_recorded_commit_after_main_moved_on(shard_server, sm
     shard_server.revisions.update(main=(COMMIT_B, another_revision(tmp_path / "moved")),
                                   **{COMMIT_A: (COMMIT_A, WEBTEXT)})
     (out / SHARD).write_bytes(b"damaged")
-    assert download.repair(out, attempts=1) == [SHARD]
+    assert download.repair(out, tmp_path / "work", attempts=1) == [SHARD]
     assert store.verify(out) == []
+
+
+@pytest.mark.fault
+def test_a_repair_waits_for_the_keys_lock(shard_server, smoke_config, tmp_path):
+    """A repair holds the lock the stage's runs hold: never two at once in one scratch folder."""
+    shard_server.revisions.update(main=(COMMIT_A, WEBTEXT), **{COMMIT_A: (COMMIT_A, WEBTEXT)})
+    spec = _spec(smoke_config, hf_url(shard_server))
+    out, work = tmp_path / "out", tmp_path / "work"
+    download.run(spec, [], out, work, threads=2)
+    (out / SHARD).write_bytes(b"damaged")
+    fetched = []
+    with keylock.held(work, f"download-{spec['key']}", log=lambda m: None):  # as a run of the stage would
+        repairing = threading.Thread(target=lambda: fetched.append(download.repair(out, work, attempts=1)))
+        repairing.start()
+        repairing.join(3)
+        assert repairing.is_alive() and fetched == [] and (out / SHARD).read_bytes() == b"damaged"
+    repairing.join(60)
+    assert fetched == [[SHARD]] and store.verify(out) == []
 
 
 def test_pinning_the_recorded_commit_reuses_the_block_downloaded_before(shard_server, smoke_config, tmp_path):

@@ -7,6 +7,7 @@ shipped web text and saved by transformers at test time: nothing big is vendored
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,24 @@ def test_a_model_without_its_tokenizer_is_one_line(tiny, capsys):
     assert hf.main(["fetch", str(tiny["none"])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: hf_model") and "\n" not in err
+
+
+@pytest.mark.parametrize("remove", [("model.safetensors",), ("config.json",), ("config.json", "model.safetensors")])
+def test_a_folder_without_its_weights_or_config_is_one_line(tiny, tmp_path, capsys, remove):
+    """Found before torchrun starts (hf fetch runs first in the core job), not by every rank loading it."""
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny["vocab+merges"], folder)
+    for name in remove:
+        (folder / name).unlink()
+    with pytest.raises(StageError) as e:
+        hf.locate(folder, with_tokenizer=False)
+    message = str(e.value)
+    assert "\n" not in message and str(folder) in message and "no model to load" in message
+    assert ("config.json" in message.split("(it has")[0]) == ("config.json" in remove)
+    assert ("the weights" in message) == ("model.safetensors" in remove)
+    assert hf.main(["fetch", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: hf_model") and "\n" not in err and "no model to load" in err
 
 
 def test_fetch_prints_what_the_core_stage_records(tiny, capsys):

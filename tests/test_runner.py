@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -106,6 +107,29 @@ def test_started_twice_at_once_it_runs_once(chain, stage, way):
     assert stored(dirs) == before
 
 
+def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
+    """`python -m pipeline.train --row X` trains every seed of a seeded row (one spec each), as core
+    evaluates them; the unseeded row's training is untouched."""
+    cfg = yaml.safe_load(chain["config"].read_text())
+    cfg["rows"]["smoke"]["seeds"] = [1, 2]
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    specs = plan.make_plan(config.check(cfg)).rows["smoke"]["train"]
+    assert len(specs) == 2
+    unseeded = stored([store.store_dir(s, chain["cfg"]["store_dir"]) for s in specs_of(chain, "train")])
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--row", "smoke", "--config", str(path)],
+                          capture_output=True, text=True, env=ENV, cwd=chain["root"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    seeds = set()
+    for key in specs:
+        assert done.stderr.count(f"train {key}: done in") == 1
+        out = Path(chain["cfg"]["store_dir"]) / "train" / key
+        assert store.verify(out) == []
+        seeds.add(store.read_manifest(out)["params"]["seed"])
+    assert seeds == {1, 2}
+    assert stored(list(unseeded)) == unseeded
+
+
 def test_an_unfinished_input_is_refused_before_anything_runs(chain, tmp_path):
     (spec,) = specs_of(chain, "core")
     (tmp_path / "train").mkdir()   # a train directory without its manifest: a run that was killed
@@ -140,6 +164,15 @@ def test_core_by_hand_never_writes_into_the_store(chain, tmp_path):
     assert out.returncode == 2 and not (train / "core.json").exists()
     assert f"is inside the sealed store directory {train}" in out.stderr
     assert stored([train]) == before
+    store_root = Path(chain["cfg"]["store_dir"])
+    killed = store_root / "core" / ("0" * 16)  # a stage's directory as a kill leaves it: no manifest yet
+    for where, said in ((killed / "core.json", f"the store directory {killed}"),
+                        (store_root / "core.json", f"the store {store_root}")):
+        refused = subprocess.run([sys.executable, "-m", "pipeline.core", "--checkpoint", str(train), "--bundle",
+                                  str(CORE_MINI), "--config", str(chain["config"]), "--out", str(where)],
+                                 capture_output=True, text=True, env=ENV, cwd=chain["root"])
+        assert refused.returncode == 2 and f"is inside {said};" in refused.stderr, refused.stderr[-2000:]
+        assert not where.exists()
     fine = subprocess.run([sys.executable, "-m", "pipeline.core", "--checkpoint", str(train), "--bundle",
                            str(CORE_MINI), "--max-per-task", "2", "--allow-missing-tasks", "--out",
                            str(tmp_path / "core.json")], capture_output=True, text=True, env=ENV, cwd=chain["root"])

@@ -165,13 +165,13 @@ def test_edited_shard_is_found_refused_downstream_and_repaired(downloaded, shard
     assert not (tmp_path / "tok").exists()
 
     shard_server.faults[SHARD] = ["500"]  # a transient fault during the repair is retried too
-    assert download.main(["--repair", str(downloaded)]) == 0
+    assert download.main(["--repair", str(downloaded), "--work", str(tmp_path / "work")]) == 0
     assert "fetched shard_00001.parquet again" in capsys.readouterr().err
     assert [name for name, _ in shard_server.requests] == [SHARD, SHARD]  # only the damaged shard
     assert store.verify(downloaded) == [] and same_as_source(downloaded / SHARD)
     assert not (downloaded.parent / f".{downloaded.name}.repair").exists()
     # a second repair has nothing to do
-    assert download.main(["--repair", str(downloaded)]) == 0
+    assert download.main(["--repair", str(downloaded), "--work", str(tmp_path / "work")]) == 0
     assert "verifies; nothing to fetch" in capsys.readouterr().err
 
 
@@ -182,13 +182,13 @@ def test_repair_refuses_bytes_that_differ_from_the_record(downloaded, shard_serv
     changed.mkdir()
     shutil.copyfile(WEBTEXT / "shard_00002.parquet", changed / SHARD)
     shard_server.root = changed
-    assert download.main(["--repair", str(downloaded)]) == 2
+    assert download.main(["--repair", str(downloaded), "--work", str(tmp_path / "work")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: {shard_server.url}/{SHARD}: failed after 2 attempts: sha256 ")
     assert "is not the recorded" in last and "Traceback" not in last
     assert not (downloaded / SHARD).exists()  # the wrong bytes never took the final name
     shard_server.root = WEBTEXT  # upstream fixed
-    assert download.main(["--repair", str(downloaded)]) == 0
+    assert download.main(["--repair", str(downloaded), "--work", str(tmp_path / "work")]) == 0
     assert store.verify(downloaded) == []
 
 
