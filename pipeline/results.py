@@ -2,12 +2,28 @@
 its chain before any number is read (pipeline.provenance); what the report, the entry and a series read."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 from pipeline import provenance
 from pipeline import recipe as recipes
 
 IMPORTED = "imported"  # results/imported/<row>/: rows brought in by `python -m pipeline.report import`
+# the targets that name a row's or a series' published files
+TARGETS = {"row": r"results/([^/]+)/(?:core|train_summary)\.json", "series": r"results/series/([^/]+)/series\.json"}
+
+
+def asked_for(kind, targets, workdir):
+    """The rows ("row") or series ("series") whose published files are among `targets`, as a command line
+    names them: relative to `workdir` or absolute, with or without ./ or a doubled slash."""
+    names = set()
+    for target in map(str, targets):
+        path = os.path.normpath(os.path.join(workdir, target))
+        rel = os.path.relpath(path, workdir)
+        if not rel.startswith(".." + os.sep) and (m := re.fullmatch(TARGETS[kind], rel.replace(os.sep, "/"))):
+            names.add(m[1])
+    return names
 
 
 def _read_json(path):

@@ -247,8 +247,8 @@ def test_a_hf_model_row_runs_to_core_and_onto_the_page(tmp_path):
                                 "core": {"bundle": "core_mini", "max_per_task": 4, "allow_missing_tasks": True,
                                          "batch_tokens": 2048}}
     write_config(tmp_path, cfg)
-    # HF_HUB_OFFLINE: nothing here may reach the network
-    run = subprocess.run(snakemake_cmd(tmp_path, "results/tiny_gpt2/core.json", "reports/leaderboard.md"),
+    # HF_HUB_OFFLINE: nothing here may reach the network; ./: the page waits for the row however it is named
+    run = subprocess.run(snakemake_cmd(tmp_path, "./results/tiny_gpt2/core.json", "reports/leaderboard.md"),
                          capture_output=True, text=True, timeout=600, env={**ENV, "HF_HUB_OFFLINE": "1"})
     logs = "".join(p.read_text() for p in tmp_path.glob("results/logs/**/*.log"))
     assert run.returncode == 0, (run.stderr + logs)[-4000:]

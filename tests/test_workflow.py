@@ -270,3 +270,28 @@ def test_the_workflow_catalog_finds_its_files():
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
         for env in re.findall(r'CONDA_ENV\w* = "([^"]+)"', smk.read_text()):
             assert (smk.parent / env).resolve().is_file(), (smk.name, env)
+
+
+def test_the_rows_a_command_line_asks_for_whatever_way_it_writes_them(tmp_path):
+    """The report waits for the rows and series the command names: relative, ./-prefixed or absolute paths
+    inside the working directory; nothing outside it and nothing that is not a published file."""
+    from pipeline.results import asked_for
+    targets = ["results/a/core.json", "./results/b/train_summary.json", str(tmp_path / "results" / "c" / "core.json"),
+               "results//d/core.json", "results/series/s/series.json", "reports/leaderboard.md", "all",
+               "results/e/manifest.json", "../elsewhere/results/f/core.json", "results/imported/g/core.json"]
+    assert asked_for("row", targets, str(tmp_path)) == {"a", "b", "c", "d"}
+    assert asked_for("series", targets, str(tmp_path)) == {"s"}
+
+
+def test_the_targets_the_report_reads_are_a_declared_field_of_snakemakes_workflow():
+    """common.smk's requested() reads Workflow.dag_settings.targets: a declared field of Snakemake's
+    Workflow, of its API's DAGSettings (so from 8.0 through 9.27). An upgrade that drops either fails here,
+    in CI, before a page stops waiting for its rows."""
+    import dataclasses
+
+    import snakemake.api  # noqa: F401  (snakemake.workflow is imported through the API)
+    from snakemake.settings.types import DAGSettings
+    from snakemake.workflow import Workflow
+    workflow = {f.name: f for f in dataclasses.fields(Workflow)}
+    assert "dag_settings" in workflow and "DAGSettings" in str(workflow["dag_settings"].type)
+    assert "targets" in {f.name for f in dataclasses.fields(DAGSettings)}

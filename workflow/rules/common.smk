@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 # The plan's keys digest the sources of `pipeline`, so they must be this checkout's, whatever else the
 # interpreter running Snakemake has installed: its imports come from the checkout first. Only this
@@ -18,6 +19,7 @@ from pipeline import config as pipeline_config  # noqa: E402
 from pipeline import launch as pipeline_launch  # noqa: E402
 from pipeline import plan as pipeline_plan  # noqa: E402
 from pipeline import resources as pipeline_resources  # noqa: E402
+from pipeline import results as pipeline_results  # noqa: E402
 
 try:
     CFG = pipeline_config.check(config)
@@ -142,20 +144,24 @@ def job_resources(stage):
 
 
 def requested(kind):
-    """Rows ("row") or series ("series") whose published files this run was asked for: Snakemake's targets
-    (DAGSettings.targets of its API), or rule all's when none were named. A run that makes a row and
-    draws the page waits for the row; a run that only draws the page trains nothing."""
+    """Rows ("row") or series ("series") whose published files this run was asked for: the targets of the
+    command line, or rule all's when none were named. A run that makes a row and draws the page waits for
+    the row; a run that only draws the page trains nothing. Snakemake's Workflow holds them as
+    dag_settings.targets (the DAGSettings of its API), unchanged from 8.0 through 9.27; a Snakemake that does
+    not says so once, and the page then shows only the rows with results unless report.rows names them."""
     settings = getattr(workflow, "dag_settings", None)
-    if not hasattr(settings, "targets"):
-        raise WorkflowError(
-            "this Snakemake does not say which files the run was asked for, so the report cannot wait for "
-            "them: name the rows the page waits for in the config's report.rows"
-        )
-    targets = {str(t) for t in settings.targets} or {"all"}
+    targets = getattr(settings, "targets", None)
+    if targets is None:
+        if kind == "row":
+            logger.warning(
+                "this Snakemake does not say which files the run was asked for: the leaderboard shows the rows "
+                "that already have results; name the rows it should wait for in the config's report.rows"
+            )
+        return set()
+    targets = {str(t) for t in targets} or {"all"}
     if "all" in targets:  # the rule, named or implied
         targets |= set(DEFAULT_TARGETS)
-    pattern = {"row": r"results/([^/]+)/(core|train_summary)\.json", "series": r"results/series/([^/]+)/series\.json"}
-    return {m[1] for t in targets if (m := re.fullmatch(pattern[kind], t))}
+    return pipeline_results.asked_for(kind, targets, os.getcwd())
 
 
 # a published file and the one that the report reads beside it
