@@ -89,6 +89,17 @@ def gpus(spec):
     return launch["nproc_per_node"] * launch["nodes"]
 
 
+def stage_command(spec, inputs, out, work, threads=1):
+    """The command of a one-process stage (download, tokenizer, pretokenize, bundle), as its rule runs it."""
+    argv = ["python", "-m", f"pipeline.{spec['stage']}", "--spec", compact_json(spec), "--out", str(out),
+            "--work", str(work), *(["--inputs", *map(str, inputs)] if inputs else [])]
+    if spec["stage"] == "bundle":  # one file, one thread
+        return _shell(argv)
+    # rustbpe's pool, which the tokenizer's training sizes from its environment
+    prefix = f"RAYON_NUM_THREADS={threads} " if spec["stage"] == "tokenizer" else ""
+    return prefix + _shell([*argv, "--threads", str(threads)])
+
+
 def train_command(spec, inputs, out, work, threads=None):
     """The whole shell command for a train spec (OMP_NUM_THREADS=1 as nanochat runs it under torchrun)."""
     return _shell(locked(spec, out, work, launcher(spec, threads=threads) + train_argv(spec, inputs, out, work)))

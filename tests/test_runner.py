@@ -4,7 +4,6 @@ twice at once: one of the two runs and seals, the other finds it sealed; a third
 import copy
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -58,9 +57,7 @@ def snakemake_command(chain, stage, spec, nproc=1):
         make = launch.train_command if stage == "train" else launch.core_command
         cmd = make(spec, inputs, out, work).replace("python -m", f"{sys.executable} -m")  # this test's python
         return cmd.replace("torchrun --standalone --nproc_per_node=2", TORCHRUN)
-    argv = [sys.executable, "-m", f"pipeline.{stage}", "--spec", launch.compact_json(spec), "--out", str(out),
-            "--work", work, *(["--inputs", *inputs] if inputs else [])]
-    return " ".join(map(shlex.quote, argv))
+    return launch.stage_command(spec, inputs, out, work, threads=2).replace("python -m", f"{sys.executable} -m")
 
 
 def command(chain, stage, way):

@@ -80,11 +80,6 @@ def spec_inputs(stage):
     return lambda w: [f"{STORE}/{r}" for r in PLAN.spec(stage, w.key)["inputs"]]
 
 
-def spec_json(stage):
-    """Params function: the spec as compact JSON for `python -m pipeline.<stage> --spec`."""
-    return lambda w: pipeline_launch.compact_json(PLAN.spec(stage, w.key))
-
-
 def row_chain(row):
     """[(stage, store directory)] of a row's whole chain, in chain order (seeds in order within a stage)."""
     return [(stage, d) for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[row].get(stage, []))]

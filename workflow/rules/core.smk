@@ -12,10 +12,11 @@ rule bundle:
     resources:
         **job_resources("bundle"),
     params:
-        spec=spec_json("bundle"),
-        work=WORK,
+        command=lambda w, input, output, threads: pipeline_launch.stage_command(
+            PLAN.spec("bundle", w.key), input, output, WORK, threads
+        ),
     shell:
-        "python -m pipeline.bundle --spec {params.spec:q} --out {output:q} --work {params.work:q} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 rule core:

@@ -12,8 +12,8 @@ rule download:
     resources:
         **job_resources("download"),
     params:
-        spec=spec_json("download"),
-        work=WORK,
+        command=lambda w, input, output, threads: pipeline_launch.stage_command(
+            PLAN.spec("download", w.key), input, output, WORK, threads
+        ),
     shell:
-        "python -m pipeline.download --spec {params.spec:q} --out {output:q}"
-        " --work {params.work:q} --threads {threads} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"

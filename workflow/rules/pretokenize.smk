@@ -14,11 +14,11 @@ rule pretokenize:
     resources:
         **job_resources("pretokenize"),
     params:
-        spec=spec_json("pretokenize"),
-        work=WORK,
+        command=lambda w, input, output, threads: pipeline_launch.stage_command(
+            PLAN.spec("pretokenize", w.key), input, output, WORK, threads
+        ),
     shell:
-        "python -m pipeline.pretokenize --spec {params.spec:q} --out {output:q}"
-        " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
 
 
 rule token_shards:

@@ -14,8 +14,8 @@ rule tokenizer:
     resources:
         **job_resources("tokenizer"),
     params:
-        spec=spec_json("tokenizer"),
-        work=WORK,
+        command=lambda w, input, output, threads: pipeline_launch.stage_command(
+            PLAN.spec("tokenizer", w.key), input, output, WORK, threads
+        ),
     shell:
-        "RAYON_NUM_THREADS={threads} python -m pipeline.tokenizer --spec {params.spec:q} --out {output:q}"
-        " --inputs {input:q} --work {params.work:q} --threads {threads} > {log} 2>&1"
+        "{params.command} > {log} 2>&1"
