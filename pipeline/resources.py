@@ -113,11 +113,13 @@ def least_cpus(stage, spec):
     return 1
 
 
-def fit_cpus(rule, wanted, least, partition, cpus, default):
+def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False):
     """CPUs per node to ask SLURM for: `wanted`, cut to what the partition's biggest node has; a
     SlurmFitError when the partition is unknown or even `least` would not fit, since sbatch would
-    otherwise refuse with only "More processors requested than permitted"."""
-    where = f"set default-resources: slurm_partition in {PROFILE}"
+    otherwise refuse with only "More processors requested than permitted". `per_rule`: the partition came
+    from the rule's own set-resources, so the fix names that line."""
+    where = (f"set set-resources: {{{rule}: {{slurm_partition: ...}}}} in {PROFILE} (or --set-resources)" if per_rule
+             else f"set default-resources: slurm_partition in {PROFILE}")
     name = partition or default
     if name is None:
         raise SlurmFitError(f"rule {rule}: SLURM has no default partition (sinfo marks none with *): {where}")

@@ -183,6 +183,9 @@ def test_what_no_node_can_hold_stops_with_what_to_set():
         resources.fit_cpus("train", 64, 8, "gpus", cpus, default)
     with pytest.raises(resources.SlurmFitError, match="no default partition"):
         resources.fit_cpus("core", 8, 1, None, {"gpu": 32}, None)
+    with pytest.raises(resources.SlurmFitError, match=r"rule train: .*: set set-resources: \{train: "
+                                                      r"\{slurm_partition: \.\.\.\}\} in workflow/profiles/slurm"):
+        resources.fit_cpus("train", 64, 8, "debug", cpus, default, per_rule=True)
 
 
 @pytest.mark.bad_input
@@ -452,4 +455,16 @@ def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submit
     assert "slurm_partition 'no_such_queue' is not a partition sinfo knows" in text, text[-3000:]
     assert "set default-resources: slurm_partition in workflow/profiles/slurm/config.v8+.yaml" in text
     # no job of its own in the queue: jobs of earlier tests may have left it meanwhile, none may have joined
+    assert "submitted with SLURM jobid" not in text and set(squeue_all()) <= before
+    # one rule's own partition (set-resources) is the one fitted, and the fix names that line
+    (profile / "config.v8+.yaml").write_text(shipped + "set-resources:\n  download:\n    slurm_partition: its_own\n")
+    out = subprocess.run(
+        ["timeout", "-k", "10", "120", *snakemake_cmd(
+            tmp_path, "--profile", str(profile), "--slurm-status-command", "squeue",
+            "results/smoke/token_shards.json", cores=None)],
+        capture_output=True, text=True, env=ENV)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "rule download: slurm_partition 'its_own' is not a partition sinfo knows" in text, text[-3000:]
+    assert "set set-resources: {download: {slurm_partition: ...}}" in text
     assert "submitted with SLURM jobid" not in text and set(squeue_all()) <= before

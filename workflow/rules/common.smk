@@ -90,13 +90,17 @@ def row_dirs(stage):
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
 
 
-def slurm_partition():
-    """The partition the profile sends jobs to (default-resources: slurm_partition), or None for SLURM's default."""
+def slurm_partition(rule):
+    """(partition, whether the rule's own) a rule's jobs go to: its set-resources' slurm_partition, else
+    default-resources', else None for SLURM's default."""
+    own = (workflow.resource_settings.overwrite_resources or {}).get(rule, {}).get("slurm_partition")
+    if own is not None:  # Snakemake 9 keeps what was written as a Resource's `raw`; 8 keeps the value itself
+        return str(getattr(own, "raw", own)).strip("'\""), True
     for arg in getattr(workflow.resource_settings.default_resources, "args", None) or []:
         name, _, value = arg.partition("=")
         if name.strip() == "slurm_partition":
-            return value.strip().strip("'\"") or None
-    return None
+            return value.strip().strip("'\"") or None, False
+    return None, False
 
 
 SLURM_NODES = {}  # sinfo's answer, asked once per run
@@ -115,13 +119,15 @@ def job_threads(stage):
         try:
             if not SLURM_NODES:
                 SLURM_NODES["cpus"], SLURM_NODES["default"] = pipeline_resources.slurm_partitions()
+            partition, per_rule = slurm_partition(stage)
             return pipeline_resources.fit_cpus(
                 stage,
                 wanted,
                 pipeline_resources.least_cpus(stage, spec),
-                slurm_partition(),
+                partition,
                 SLURM_NODES["cpus"],
                 SLURM_NODES["default"],
+                per_rule,
             )
         except pipeline_resources.SlurmFitError as e:
             raise WorkflowError(str(e)) from None
