@@ -1,5 +1,6 @@
 """One runner for every stage (pipeline.cli.run_target): each stage, each way of starting it, started
-twice at once: one of the two runs and seals, the other finds it sealed; a third start changes nothing."""
+twice at once: one of the two runs and seals, the other finds it sealed, the outputs are the bytes of
+the chain's first run (but for timings); a third start changes nothing."""
 
 import copy
 import json
@@ -75,6 +76,19 @@ def stored(dirs):
     return {d: ((d / store.MANIFEST).read_bytes(), (d / store.MANIFEST).stat().st_ino) for d in dirs}
 
 
+TIMED = {"compression.json", "metrics.jsonl", "train_summary.json"}  # they record how long the run took
+# they record the number of processes, and a sum over ranks whose last bits follow it
+BY_PROCESSES = {"bpb.json", "core.json"}
+
+
+def outputs_of(d, processes=1):
+    """Each output file's sha256 as the manifest records it (the manifest itself holds times and pids),
+    but for the files that cannot be the same bytes twice: timings, and with other than the chain's one
+    process, what records the process count."""
+    skip = TIMED | (BY_PROCESSES if processes != 1 else set())
+    return {name: rec["sha256"] for name, rec in store.read_manifest(d)["outputs"].items() if name not in skip}
+
+
 WAYS = [(stage, way) for stage in STAGES for way in ("row", "snakemake")] + [
     (stage, way) for stage in ("train", "core") for way in ("torchrun", "snakemake+torchrun")]
 
@@ -84,6 +98,8 @@ def test_started_twice_at_once_it_runs_once(chain, stage, way):
     root = chain["cfg"]["store_dir"]
     specs = specs_of(chain, stage) if way != "snakemake" else specs_of(chain, stage)[:1]
     dirs = [store.store_dir(s, root) for s in specs]
+    processes = 2 if "torchrun" in way else 1
+    first = {d: outputs_of(d, processes) for d in dirs}
     for d in dirs:
         shutil.rmtree(d)
     cmd = command(chain, stage, way)
@@ -97,6 +113,7 @@ def test_started_twice_at_once_it_runs_once(chain, stage, way):
                    for e in errs]
         assert sorted(ran) == [0, 1] and sorted(skipped) == [0, 1] and ran != skipped, "\n---\n".join(errs)
     assert all(store.verify(d) == [] for d in dirs)
+    assert {d: outputs_of(d, processes) for d in dirs} == first  # the same bytes as the chain's first run
     assert not any(store.work_dir(s, chain["cfg"]["work_dir"]).exists() for s in specs)  # scratch went with the seal
     before = stored(dirs)
     again = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=ENV, cwd=chain["root"])
@@ -105,8 +122,8 @@ def test_started_twice_at_once_it_runs_once(chain, stage, way):
 
 
 def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
-    """`python -m pipeline.train --row X` trains every seed of a seeded row (one spec each), as core
-    evaluates them; the unseeded row's training is untouched."""
+    """`python -m pipeline.train --row X` trains every seed of a seeded row (one spec each), and core under
+    one torchrun evaluates each; the unseeded row's training is untouched."""
     cfg = yaml.safe_load(chain["config"].read_text())
     cfg["rows"]["smoke"]["seeds"] = [1, 2]
     path = tmp_path / "seeded.yaml"
@@ -125,6 +142,15 @@ def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
         seeds.add(store.read_manifest(out)["params"]["seed"])
     assert seeds == {1, 2}
     assert stored(list(unseeded)) == unseeded
+    # and one torchrun evaluates both seeds in turn (a process group for each, joined and left)
+    cores = plan.make_plan(config.check(cfg)).rows["smoke"]["core"]
+    done = subprocess.run(f"{TORCHRUN} -m pipeline.core -- --row smoke --config {path}", shell=True,
+                          capture_output=True, text=True, env=ENV, cwd=chain["root"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key in cores:
+        assert done.stderr.count(f"core {key}: done in") == 1
+        out = Path(chain["cfg"]["store_dir"]) / "core" / key
+        assert store.verify(out) == [] and json.loads((out / "core.json").read_text())["world_size"] == 2
 
 
 def test_an_unfinished_input_is_refused_before_anything_runs(chain, tmp_path):
