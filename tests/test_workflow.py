@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -295,3 +296,26 @@ def test_the_targets_the_report_reads_are_a_declared_field_of_snakemakes_workflo
     workflow = {f.name: f for f in dataclasses.fields(Workflow)}
     assert "dag_settings" in workflow and "DAGSettings" in str(workflow["dag_settings"].type)
     assert "targets" in {f.name for f in dataclasses.fields(DAGSettings)}
+
+
+def test_reading_the_workflow_leaves_path_and_pythonpath_alone(tmp_path):
+    """Jobs find `python` and `pipeline` through their environment (the activated venv, or conda's), never
+    through an edit the Snakefile made to the Snakemake process: a dry run, in-process, changes neither."""
+    write_config(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    argv = snakemake_cmd(tmp_path, "-n", "--quiet")[3:]  # after `python -m snakemake`
+    probe = ("import os, sys\n"
+             "from snakemake.cli import main\n"
+             "before = {k: os.environ.get(k) for k in ('PATH', 'PYTHONPATH')}\n"
+             f"sys.argv = ['snakemake', *{argv!r}]\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('unchanged' if before == {k: os.environ.get(k) for k in before} else 'changed')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "unchanged"
+
+
+def test_ci_lints_the_workflow_as_the_catalog_does():
+    """.ci/run (the README's test command) runs ruff, snakemake --lint and snakefmt --check before the tests."""
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    steps = ["ruff check .", "snakemake --lint", "snakefmt --check Snakefile workflow/rules", "pytest -q"]
+    assert [lines.index(step) for step in steps] == sorted(lines.index(step) for step in steps)
