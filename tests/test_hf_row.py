@@ -121,6 +121,7 @@ def test_a_model_without_its_tokenizer_is_one_line(tiny, capsys):
     assert err.startswith("error: hf_model") and "\n" not in err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("remove", [("model.safetensors",), ("config.json",), ("config.json", "model.safetensors")])
 def test_a_folder_without_its_weights_or_config_is_one_line(tiny, tmp_path, capsys, remove):
     """Found before torchrun starts (hf fetch runs first in the core job), not by every rank loading it."""

@@ -442,29 +442,25 @@ def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submit
     profile.mkdir()
     shipped = (REPO / "workflow" / "profiles" / "slurm" / "config.v8+.yaml").read_text()
     assert "  # slurm_partition: gpu\n" in shipped
-    (profile / "config.v8+.yaml").write_text(shipped.replace("  # slurm_partition: gpu\n",
-                                                             "  slurm_partition: no_such_queue\n"))
     before = set(squeue_all())
-    out = subprocess.run(
-        ["timeout", "-k", "10", "120", *snakemake_cmd(
-            tmp_path, "--profile", str(profile), "--slurm-status-command", "squeue",
-            "results/smoke/token_shards.json", cores=None)],
-        capture_output=True, text=True, env=ENV)
-    text = out.stdout + out.stderr
-    assert out.returncode != 0
+
+    def stopped_with(profile_text):
+        """What Snakemake printed, run on the profile `profile_text`; it must stop with nothing submitted
+        (jobs of earlier tests may leave the queue meanwhile, none of this run's may join it)."""
+        (profile / "config.v8+.yaml").write_text(profile_text)
+        out = subprocess.run(
+            ["timeout", "-k", "10", "120", *snakemake_cmd(
+                tmp_path, "--profile", str(profile), "--slurm-status-command", "squeue",
+                "results/smoke/token_shards.json", cores=None)],
+            capture_output=True, text=True, env=ENV)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "submitted with SLURM jobid" not in text and set(squeue_all()) <= before
+        return text
+
+    text = stopped_with(shipped.replace("  # slurm_partition: gpu\n", "  slurm_partition: no_such_queue\n"))
     assert "slurm_partition 'no_such_queue' is not a partition sinfo knows" in text, text[-3000:]
     assert "set default-resources: slurm_partition in workflow/profiles/slurm/config.v8+.yaml" in text
-    # no job of its own in the queue: jobs of earlier tests may have left it meanwhile, none may have joined
-    assert "submitted with SLURM jobid" not in text and set(squeue_all()) <= before
     # one rule's own partition (set-resources) is the one fitted, and the fix names that line
-    (profile / "config.v8+.yaml").write_text(shipped + "set-resources:\n  download:\n    slurm_partition: its_own\n")
-    out = subprocess.run(
-        ["timeout", "-k", "10", "120", *snakemake_cmd(
-            tmp_path, "--profile", str(profile), "--slurm-status-command", "squeue",
-            "results/smoke/token_shards.json", cores=None)],
-        capture_output=True, text=True, env=ENV)
-    text = out.stdout + out.stderr
-    assert out.returncode != 0
+    text = stopped_with(shipped + "set-resources:\n  download:\n    slurm_partition: its_own\n")
     assert "rule download: slurm_partition 'its_own' is not a partition sinfo knows" in text, text[-3000:]
     assert "set set-resources: {download: {slurm_partition: ...}}" in text
-    assert "submitted with SLURM jobid" not in text and set(squeue_all()) <= before
