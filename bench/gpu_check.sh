@@ -4,13 +4,22 @@
 # one after the other: "do we beat 78.8K / 92.5K tok/s per H100" with both numbers from this machine),
 # the CUDA path trains (bf16 autocast, torch.compile, fp8, NCCL under torchrun), tok/s + MFU of the bare
 # step, CORE examples/s, and d26 with masked short windows (what FlashAttention's window buys).
-# Output goes to $OUT (or bench/gpu_out); copy the figures to bench/README.md.
-# On the lent device: run bench/gpu_wheels.sh here first, and carry `.whl` and `.nanochat`.
+# Figures go to bench/gpu_out, or on the lent device to /tmp/gpu_check, packed at the end (the small files:
+# logs, results.json, no checkpoints) into $OUT/gpu_check.tgz, since only 8 files 2 folders deep come back
+# from there. Copy the figures to bench/README.md. On the lent device: run bench/gpu_wheels.sh here first,
+# then one call:  run(command="bash bench/gpu_check.sh", carry=[".whl", ".nanochat"], timeout_s=600)
 set -uo pipefail
-export WANDB_MODE=disabled  # no wandb import: the GPU image has none
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1  # no wandb import: the GPU image has none
 cd "$(dirname "$0")/.."
-out=${OUT:-bench/gpu_out}
+back=${OUT:-}  # set on the lent device: what is written under it comes back
+out=${back:+/tmp/gpu_check}
+out=${out:-bench/gpu_out}
 mkdir -p "$out"
+pack() {  # the small files of $out into $OUT/gpu_check.tgz, whatever step the script ended at
+    [ -n "$back" ] && (cd "$out" && find . -type f -size -4M ! -name '*.pt' ! -name '*.npy' ! -name '*.parquet' \
+        ! -name '*.bin' | tar czf "$back/gpu_check.tgz" -T -)
+}
+trap pack EXIT
 if [ -x .venv/bin/python ]; then
     py=.venv/bin/python
 else  # the lent device: its python3 holds CUDA torch; what it lacks travels as wheels (bench/gpu_wheels.sh)
@@ -30,7 +39,7 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # One device call may run 10 minutes: every step gets at most what is left of BUDGET seconds, most
 # telling first (the leaderboard's d26 rows, then the train stage itself), so a slow compile costs the
 # last steps, not the whole call.
-deadline=$((SECONDS + ${BUDGET:-540}))
+deadline=$((SECONDS + ${BUDGET:-540}))  # 540 s of steps, then the pack, inside a 600 s call
 run_for() {  # run_for CAP LOG CMD...: CMD under timeout min(CAP, time left); skipped under 30 s left
     local cap=$1 log=$2 left=$((deadline - SECONDS)); shift 2
     (( left < 30 )) && { echo "skipped (budget spent): $*" > "$log"; return; }
@@ -60,6 +69,8 @@ side_by_side() {  # side_by_side DEPTH DEVICE_BATCH [--fp8]: train_throughput.py
         --device-batch-size "$2" --max-seq-len 2048 --total-batch-size 65536 --window-pattern SSSL --head-dim 128 \
         --run-steps 25 --out "$out/side_by_side" ${3:-}
     echo "side by side d$1 $tag: $(grep -E 'tok/s|ratio|goal|budget spent|timed out|Error' "$log" | tr '\n' ' ')"
+    # both sides' d26 weights and optimizer states are ~20 GB a run: the 64 GB disk holds two runs at most
+    find "$out/side_by_side" -name '*.pt' -delete 2> /dev/null
 }
 side_by_side 26 16 --fp8  # the leaderboard's d26 rows train in fp8
 # the train stage on CUDA under torchrun (NCCL), compile, fp8, resuming; FlashAttention's window
