@@ -113,11 +113,12 @@ def least_cpus(stage, spec):
     return 1
 
 
-def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False):
+def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False, fixed=False):
     """CPUs per node to ask SLURM for: `wanted`, cut to what the partition's biggest node has; a
     SlurmFitError when the partition is unknown or even `least` would not fit, since sbatch would
     otherwise refuse with only "More processors requested than permitted". `per_rule`: the partition came
-    from the rule's own set-resources, so the fix names that line."""
+    from the rule's own set-resources, so the fix names that line. `fixed`: the user set the threads
+    (set-threads), so they are not cut but checked."""
     where = (f"set set-resources: {{{rule}: {{slurm_partition: ...}}}} in {PROFILE} (or --set-resources)" if per_rule
              else f"set default-resources: slurm_partition in {PROFILE}")
     name = partition or default
@@ -131,6 +132,10 @@ def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False):
         raise SlurmFitError(f"rule {rule}: needs at least {least} CPUs per node (one per GPU process) but the "
                             f"nodes of partition {name!r} have at most {most} (sinfo): {where} to a partition "
                             f"with bigger nodes, or lower the row's launch.nproc_per_node")
+    if fixed and wanted > most:
+        raise SlurmFitError(f"rule {rule}: set-threads asks for {wanted} CPUs per node but the nodes of partition "
+                            f"{name!r} have at most {most} (sinfo): set-threads: {{{rule}: {most}}} or fewer in "
+                            f"{PROFILE} (or --set-threads {rule}={most})")
     return min(wanted, most)
 
 

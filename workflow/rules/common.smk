@@ -106,40 +106,54 @@ def slurm_partition(rule):
 SLURM_NODES = {}  # sinfo's answer, asked once per run
 
 
+def slurm_fit(stage, spec, wanted, fixed=False):
+    """`wanted` CPUs, fitted to the rule's partition when the run submits to SLURM (or the run stops with
+    what to set: sbatch would only say "More processors requested than permitted"); else as they are.
+    `fixed`: set by the user (set-threads), so checked rather than cut (pipeline.resources.fit_cpus)."""
+    if getattr(workflow.executor_plugin, "name", None) != "slurm":  # local, dry run, or inside a SLURM job
+        return wanted
+    try:
+        if not SLURM_NODES:
+            SLURM_NODES["cpus"], SLURM_NODES["default"] = pipeline_resources.slurm_partitions()
+        partition, per_rule = slurm_partition(stage)
+        return pipeline_resources.fit_cpus(
+            stage,
+            wanted,
+            pipeline_resources.least_cpus(stage, spec),
+            partition,
+            SLURM_NODES["cpus"],
+            SLURM_NODES["default"],
+            per_rule,
+            fixed,
+        )
+    except pipeline_resources.SlurmFitError as e:
+        raise WorkflowError(str(e)) from None
+
+
 def job_threads(stage):
-    """Threads function: the CPUs a stage's job would like (Snakemake caps them by --cores / --max-threads).
-    Submitting to SLURM, they are fitted to the partition's biggest node first, or the run stops with what
-    to set (pipeline.resources.fit_cpus): sbatch would only say "More processors requested than permitted"."""
+    """Threads function: the CPUs a stage's job would like (Snakemake caps them by --cores / --max-threads),
+    fitted to the SLURM partition's biggest node when submitting there."""
 
     def threads(w):
         spec = PLAN.spec(stage, w.key)
-        wanted = pipeline_resources.threads(stage, spec)
-        if getattr(workflow.executor_plugin, "name", None) != "slurm":  # local, dry run, or inside a SLURM job
-            return wanted
-        try:
-            if not SLURM_NODES:
-                SLURM_NODES["cpus"], SLURM_NODES["default"] = pipeline_resources.slurm_partitions()
-            partition, per_rule = slurm_partition(stage)
-            return pipeline_resources.fit_cpus(
-                stage,
-                wanted,
-                pipeline_resources.least_cpus(stage, spec),
-                partition,
-                SLURM_NODES["cpus"],
-                SLURM_NODES["default"],
-                per_rule,
-            )
-        except pipeline_resources.SlurmFitError as e:
-            raise WorkflowError(str(e)) from None
+        return slurm_fit(stage, spec, pipeline_resources.threads(stage, spec))
 
     return threads
 
 
 def job_resources(stage):
-    """`resources: **job_resources(stage)`: every scheduler resource, from the job's spec and capped threads."""
+    """`resources: **job_resources(stage)`: every scheduler resource, from the job's spec and capped threads.
+    The job's threads are those job_threads fitted, or a user's set-threads, which bypasses job_threads and
+    is checked here against the partition instead."""
 
     def one(name):
-        return lambda w, threads: pipeline_resources.job(stage, PLAN.spec(stage, w.key), threads)[name]
+        def resource(w, threads):
+            spec = PLAN.spec(stage, w.key)
+            if name == "cpus_per_task":
+                slurm_fit(stage, spec, threads, fixed=True)
+            return pipeline_resources.job(stage, spec, threads)[name]
+
+        return resource
 
     return {name: one(name) for name in pipeline_resources.NAMES}
 
