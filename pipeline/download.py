@@ -184,11 +184,17 @@ def run(spec, inputs, out, work, threads):
             fetched = dict(pool.map(one, params["shards"]))
     finally:
         bar.close()
+    # a base_url changed halfway through a block (HuggingFace, then a mirror): some shards name their
+    # commit, some cannot; the block's commit is then said and recorded as unconfirmed for those
+    unconfirmed = sorted(name for name, info in fetched.items() if info["revision"] is None) if revision.commit else []
     print(f"download {params['dataset']} shards {names[0]}..{names[-1]}: " + (
         f"revision {revision.commit}" if revision.commit else
-        "revision unknown (the server did not say which commit it served: a mirror or a local folder)"),
-        file=sys.stderr)
+        "revision unknown (the server did not say which commit it served: a mirror or a local folder)") + (
+        f"; unconfirmed for {', '.join(unconfirmed)}, whose server did not say (a base_url changed mid-block)"
+        if unconfirmed else ""), file=sys.stderr)
     resolved = {"shards": fetched, "revision": revision.commit}
+    if unconfirmed:
+        resolved["revision_unconfirmed"] = unconfirmed
     if reused:
         resolved["reused"] = {"from_key": reused_from, "shards": reused}
     store.seal(spec, names, work, out, resolved=resolved, started_at=started)

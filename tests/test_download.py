@@ -184,6 +184,25 @@ def test_a_source_that_does_not_say_is_recorded_as_unknown(shard_server, smoke_c
     assert [info["revision"] for info in resolved["shards"].values()] == [None, None, None]
 
 
+@pytest.mark.fault
+def test_a_mirror_finishing_a_block_leaves_those_shards_unconfirmed(shard_server, smoke_config, tmp_path, capsys):
+    """HuggingFace serves shard 0 and then fails; the block is finished from a folder that names no commit.
+    The block keeps shard 0's commit, and records (and says) that the other two are unconfirmed."""
+    shard_server.revisions["main"] = (COMMIT_A, WEBTEXT)
+    for name in ("shard_00001.parquet", "shard_00002.parquet"):
+        shard_server.faults[name] = ["404"]
+    work = tmp_path / "work"
+    with pytest.raises(StageError):
+        download.run(_spec(smoke_config, hf_url(shard_server)), [], tmp_path / "out", work, threads=1)
+    assert [p.name for p in work.glob("*.parquet")] == ["shard_00000.parquet"]
+    download.run(_spec(smoke_config, str(WEBTEXT)), [], tmp_path / "out", work, threads=1)  # base_url is no key
+    resolved = manifest_of(tmp_path / "out")["resolved"]
+    assert resolved["revision"] == COMMIT_A
+    assert resolved["revision_unconfirmed"] == ["shard_00001.parquet", "shard_00002.parquet"]
+    assert [info["revision"] for info in resolved["shards"].values()] == [COMMIT_A, None, None]
+    assert "unconfirmed for shard_00001.parquet, shard_00002.parquet" in capsys.readouterr().err
+
+
 def test_a_pinned_revision_goes_into_the_url_and_the_key(shard_server, smoke_config, tmp_path):
     unpinned = _spec(smoke_config, hf_url(shard_server))
     # without revision: the params, and so the keys, are those of the stores made before pinning existed
