@@ -107,10 +107,14 @@ def no_tokenizer(folder):
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
         return None
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     return (f"{folder}: no tokenizer beside the model: it needs vocab.json + merges.txt or tokenizer.json (it has "
-            f"{', '.join(present) or 'nothing'}); save it with tokenizer.save_pretrained(folder), or name the hub "
-            "repo that has both")
+            f"{_contents(folder)}); save it with tokenizer.save_pretrained(folder), or name the hub repo that has "
+            "both")
+
+
+def _contents(folder):
+    """What a folder holds, for a message: its file names, or "nothing"."""
+    return ", ".join(sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []) or "nothing"
 
 
 def no_model(folder):
@@ -122,9 +126,8 @@ def no_model(folder):
              if not there]
     if not lacks:
         return None
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    return (f"{folder}: no model to load: it lacks {' and '.join(lacks)} (it has {', '.join(present) or 'nothing'}); "
-            "save it with model.save_pretrained(folder), or name the hub repo that has it")
+    return (f"{folder}: no model to load: it lacks {' and '.join(lacks)} (it has {_contents(folder)}); save it with "
+            "model.save_pretrained(folder), or name the hub repo that has it")
 
 
 def _locate(hf_model, with_tokenizer):

@@ -128,7 +128,8 @@ def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
     cfg["rows"]["smoke"]["seeds"] = [1, 2]
     path = tmp_path / "seeded.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    specs = plan.make_plan(config.check(cfg)).rows["smoke"]["train"]
+    seeded = plan.make_plan(config.check(cfg)).rows["smoke"]
+    specs = seeded["train"]
     assert len(specs) == 2
     unseeded = stored([store.store_dir(s, chain["cfg"]["store_dir"]) for s in specs_of(chain, "train")])
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "--row", "smoke", "--config", str(path)],
@@ -143,11 +144,10 @@ def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
     assert seeds == {1, 2}
     assert stored(list(unseeded)) == unseeded
     # and one torchrun evaluates both seeds in turn (a process group for each, joined and left)
-    cores = plan.make_plan(config.check(cfg)).rows["smoke"]["core"]
     done = subprocess.run(f"{TORCHRUN} -m pipeline.core -- --row smoke --config {path}", shell=True,
                           capture_output=True, text=True, env=ENV, cwd=chain["root"])
     assert done.returncode == 0, done.stderr[-3000:]
-    for key in cores:
+    for key in seeded["core"]:
         assert done.stderr.count(f"core {key}: done in") == 1
         out = Path(chain["cfg"]["store_dir"]) / "core" / key
         assert store.verify(out) == [] and json.loads((out / "core.json").read_text())["world_size"] == 2

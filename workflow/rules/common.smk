@@ -80,6 +80,13 @@ def spec_inputs(stage):
     return lambda w: [f"{STORE}/{r}" for r in PLAN.spec(stage, w.key)["inputs"]]
 
 
+def stage_command(stage):
+    """Params function: the whole command of a one-process stage's job (pipeline.launch.stage_command)."""
+    return lambda w, input, output, threads: pipeline_launch.stage_command(
+        PLAN.spec(stage, w.key), input, output, WORK, threads
+    )
+
+
 def row_chain(row):
     """[(stage, store directory)] of a row's whole chain, in chain order (seeds in order within a stage)."""
     return [(stage, d) for stage in pipeline_plan.STAGES for d in store_dirs(stage, PLAN.rows[row].get(stage, []))]

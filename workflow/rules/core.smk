@@ -12,9 +12,7 @@ rule bundle:
     resources:
         **job_resources("bundle"),
     params:
-        command=lambda w, input, output, threads: pipeline_launch.stage_command(
-            PLAN.spec("bundle", w.key), input, output, WORK, threads
-        ),
+        command=stage_command("bundle"),
     shell:
         "{params.command} > {log} 2>&1"
 

@@ -12,8 +12,6 @@ rule download:
     resources:
         **job_resources("download"),
     params:
-        command=lambda w, input, output, threads: pipeline_launch.stage_command(
-            PLAN.spec("download", w.key), input, output, WORK, threads
-        ),
+        command=stage_command("download"),
     shell:
         "{params.command} > {log} 2>&1"

@@ -14,9 +14,7 @@ rule pretokenize:
     resources:
         **job_resources("pretokenize"),
     params:
-        command=lambda w, input, output, threads: pipeline_launch.stage_command(
-            PLAN.spec("pretokenize", w.key), input, output, WORK, threads
-        ),
+        command=stage_command("pretokenize"),
     shell:
         "{params.command} > {log} 2>&1"
 

@@ -14,8 +14,6 @@ rule tokenizer:
     resources:
         **job_resources("tokenizer"),
     params:
-        command=lambda w, input, output, threads: pipeline_launch.stage_command(
-            PLAN.spec("tokenizer", w.key), input, output, WORK, threads
-        ),
+        command=stage_command("tokenizer"),
     shell:
         "{params.command} > {log} 2>&1"
