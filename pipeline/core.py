@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import bundle, cli, core_tasks, evaluate, hf, launch, plan, store, tokenizer
-from pipeline.device import setup_device
+from pipeline.device import leave_process_group, setup_device
 from pipeline.errors import StageError
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig
@@ -224,8 +224,6 @@ def run(spec, inputs, out, work, threads):
         extras["bpb.json"] = bits_per_byte(model, {"train": train_block, "val": val_block}, enc, tok_dir,
                                            token_bytes_convention(train_dir), params["bpb_tokens"], device, rank,
                                            world)
-    if world > 1:
-        dist.destroy_process_group()
     if rank != 0:
         return
     if enc is not None:
@@ -305,8 +303,10 @@ def main(argv=None):
     if args.spec or args.row:
         for target in cli.targets("core", args):
             cli.run_target(target, run)
+        leave_process_group()
     elif (args.checkpoint or args.hf_model) and args.bundle and args.out:
         by_hand(args)
+        leave_process_group()
     else:
         ap.error("give --spec, --row, or --bundle and --out with --checkpoint (and --tokenizer where its store "
                  "manifest does not lead to one) or --hf-model")

@@ -25,7 +25,16 @@ def setup_device(device_type=""):
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
     if device_type == "cuda":
         torch.cuda.set_device(device)
+    # joined once per process and kept for every target it runs (a seeded row is several): a group destroyed
+    # and joined again under the same torchrun reuses the first one's rendezvous keys, so a rank can read
+    # a peer's stale address and fail with "Connection refused"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                 device_id=device if device_type == "cuda" else None)
     return device, rank, local_rank, world, allocator
+
+
+def leave_process_group():
+    """Once every target of this process is done (train and core's main): leave the group cleanly."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

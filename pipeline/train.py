@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint, cli, dims, download, evaluate, launch, optim, plan, runtime, store, tokenizer
 from pipeline import recipe as recipes
-from pipeline.device import setup_device
+from pipeline.device import leave_process_group, setup_device
 from pipeline.errors import StageError
 from pipeline.loader import DistributedLoader
 from pipeline.model import GPT, GPTConfig, use_fa3
@@ -425,8 +425,6 @@ class Trainer:
         if run is not None:
             run.summary.update({k: summary[k] for k in ("total_training_time", "total_training_flops", "step")})
             run.finish()
-        if self.world > 1:
-            dist.destroy_process_group()
         if self.master:
             self.publish(summary)
         return summary
@@ -511,6 +509,7 @@ def main(argv=None):
             args = parse_args(launch.flag_args(target.spec["params"], launch.run_names(target.spec)))
             args.resume_from_step = given.resume_from_step
         cli.run_target(target, functools.partial(train_target, args))
+    leave_process_group()
     return 0
 
 

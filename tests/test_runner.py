@@ -143,7 +143,7 @@ def test_a_seeded_row_by_hand_trains_each_seed(chain, tmp_path):
         seeds.add(store.read_manifest(out)["params"]["seed"])
     assert seeds == {1, 2}
     assert stored(list(unseeded)) == unseeded
-    # and one torchrun evaluates both seeds in turn (a process group for each, joined and left)
+    # and one torchrun evaluates both seeds in turn, in the one process group its ranks joined
     done = subprocess.run(f"{TORCHRUN} -m pipeline.core -- --row smoke --config {path}", shell=True,
                           capture_output=True, text=True, env=ENV, cwd=chain["root"])
     assert done.returncode == 0, done.stderr[-3000:]
