@@ -113,12 +113,12 @@ def least_cpus(stage, spec):
     return 1
 
 
-def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False, fixed=False):
+def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False, fixed=None):
     """CPUs per node to ask SLURM for: `wanted`, cut to what the partition's biggest node has; a
     SlurmFitError when the partition is unknown or even `least` would not fit, since sbatch would
     otherwise refuse with only "More processors requested than permitted". `per_rule`: the partition came
-    from the rule's own set-resources, so the fix names that line. `fixed`: the user set the threads
-    (set-threads), so they are not cut but checked."""
+    from the rule's own set-resources, so the fix names that line. `fixed`: the user set the CPUs
+    ("set-threads", or "cpus_per_task" in set-resources), so they are not cut but checked."""
     where = (f"set set-resources: {{{rule}: {{slurm_partition: ...}}}} in {PROFILE} (or --set-resources)" if per_rule
              else f"set default-resources: slurm_partition in {PROFILE}")
     name = partition or default
@@ -133,9 +133,15 @@ def fit_cpus(rule, wanted, least, partition, cpus, default, per_rule=False, fixe
                             f"nodes of partition {name!r} have at most {most} (sinfo): {where} to a partition "
                             f"with bigger nodes, or lower the row's launch.nproc_per_node")
     if fixed and wanted > most:
-        raise SlurmFitError(f"rule {rule}: set-threads asks for {wanted} CPUs per node but the nodes of partition "
-                            f"{name!r} have at most {most} (sinfo): set-threads: {{{rule}: {most}}} or fewer in "
-                            f"{PROFILE} (or --set-threads {rule}={most})")
+        said, fix = {
+            "set-threads": ("set-threads", f"set-threads: {{{rule}: {most}}} or fewer in {PROFILE} (or "
+                                           f"--set-threads {rule}={most})"),
+            "cpus_per_task": ("set-resources' cpus_per_task", f"set-resources: {{{rule}: {{cpus_per_task: {most}}}}} "
+                                                              f"or fewer in {PROFILE} (or --set-resources "
+                                                              f"{rule}:cpus_per_task={most})"),
+        }[fixed]
+        raise SlurmFitError(f"rule {rule}: {said} asks for {wanted} CPUs per node but the nodes of partition "
+                            f"{name!r} have at most {most} (sinfo): {fix}")
     return min(wanted, most)
 
 

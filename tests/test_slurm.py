@@ -186,12 +186,18 @@ def test_what_no_node_can_hold_stops_with_what_to_set():
     with pytest.raises(resources.SlurmFitError, match=r"rule train: .*: set set-resources: \{train: "
                                                       r"\{slurm_partition: \.\.\.\}\} in workflow/profiles/slurm"):
         resources.fit_cpus("train", 64, 8, "debug", cpus, default, per_rule=True)
-    assert resources.fit_cpus("tokenizer", 8, 1, "gpu", cpus, default, fixed=True) == 8  # fits: as set
+    assert resources.fit_cpus("tokenizer", 8, 1, "gpu", cpus, default, fixed="set-threads") == 8  # fits: as set
     with pytest.raises(resources.SlurmFitError) as e:
-        resources.fit_cpus("tokenizer", 64, 1, "gpu", cpus, default, fixed=True)  # set, not cut
+        resources.fit_cpus("tokenizer", 64, 1, "gpu", cpus, default, fixed="set-threads")  # set, not cut
     assert str(e.value) == ("rule tokenizer: set-threads asks for 64 CPUs per node but the nodes of partition 'gpu' "
                             "have at most 32 (sinfo): set-threads: {tokenizer: 32} or fewer in "
                             "workflow/profiles/slurm/config.v8+.yaml (or --set-threads tokenizer=32)")
+    with pytest.raises(resources.SlurmFitError) as e:
+        resources.fit_cpus("pretokenize", 48, 1, "gpu", cpus, default, fixed="cpus_per_task")
+    assert str(e.value) == ("rule pretokenize: set-resources' cpus_per_task asks for 48 CPUs per node but the nodes "
+                            "of partition 'gpu' have at most 32 (sinfo): set-resources: {pretokenize: "
+                            "{cpus_per_task: 32}} or fewer in workflow/profiles/slurm/config.v8+.yaml (or "
+                            "--set-resources pretokenize:cpus_per_task=32)")
 
 
 @pytest.mark.bad_input
@@ -439,8 +445,8 @@ def test_the_multinode_wrapper_starts_torchrun_through_srun_for_real(slurm_clust
 @pytest.mark.bad_input
 def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submitted(slurm_cluster, tmp_path):
     """The wiring: under the SLURM executor, each job's CPUs go through sinfo before sbatch; a wrong
-    slurm_partition (the profile's, or a rule's own), or a set-threads no node can hold, ends the run with the
-    one line that says what to set, and no job reaches SLURM."""
+    slurm_partition (the profile's, or a rule's own), or a set-threads or cpus_per_task no node can hold, ends
+    the run with the one line that says what to set, and no job reaches SLURM."""
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["datasets"]["webtext"]["base_url"] = str(REPO / "tests" / "fixtures" / "webtext")
     write_config(tmp_path, cfg)
@@ -475,3 +481,7 @@ def test_a_partition_sinfo_does_not_know_stops_the_run_before_anything_is_submit
     text = stopped_with(shipped + "set-threads:\n  download: 64\n")
     assert "rule download: set-threads asks for 64 CPUs per node but the nodes of partition" in text, text[-3000:]
     assert "set-threads: {download: " in text
+    # and so is a set-resources' cpus_per_task, which is what sbatch gets
+    text = stopped_with(shipped + "set-resources:\n  download:\n    cpus_per_task: 64\n")
+    assert "rule download: set-resources' cpus_per_task asks for 64 CPUs per node but" in text, text[-3000:]
+    assert "set-resources: {download: {cpus_per_task: " in text

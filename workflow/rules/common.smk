@@ -97,12 +97,21 @@ def row_dirs(stage):
     return lambda w: store_dirs(stage, PLAN.rows[w.row][stage])
 
 
+def user_resource(rule, name):
+    """A rule's set-resources entry `name` as the user wrote it (a string or number), else None."""
+    own = (workflow.resource_settings.overwrite_resources or {}).get(rule) or {}
+    if name not in own:  # Snakemake's Resources answer .get of a name they lack with an empty Resource
+        return None
+    value = own[name]  # Snakemake 9 keeps what was written as a Resource's `raw`; 8 keeps the value itself
+    return str(getattr(value, "raw", value)).strip("'\"")
+
+
 def slurm_partition(rule):
     """(partition, whether the rule's own) a rule's jobs go to: its set-resources' slurm_partition, else
     default-resources', else None for SLURM's default."""
-    own = (workflow.resource_settings.overwrite_resources or {}).get(rule, {}).get("slurm_partition")
-    if own is not None:  # Snakemake 9 keeps what was written as a Resource's `raw`; 8 keeps the value itself
-        return str(getattr(own, "raw", own)).strip("'\""), True
+    own = user_resource(rule, "slurm_partition")
+    if own is not None:
+        return own, True
     for arg in getattr(workflow.resource_settings.default_resources, "args", None) or []:
         name, _, value = arg.partition("=")
         if name.strip() == "slurm_partition":
@@ -113,10 +122,10 @@ def slurm_partition(rule):
 SLURM_NODES = {}  # sinfo's answer, asked once per run
 
 
-def slurm_fit(stage, spec, wanted, fixed=False):
+def slurm_fit(stage, spec, wanted, fixed=None):
     """`wanted` CPUs, fitted to the rule's partition when the run submits to SLURM (or the run stops with
     what to set: sbatch would only say "More processors requested than permitted"); else as they are.
-    `fixed`: set by the user (set-threads), so checked rather than cut (pipeline.resources.fit_cpus)."""
+    `fixed`: what the user set them with, so they are checked rather than cut (pipeline.resources.fit_cpus)."""
     if getattr(workflow.executor_plugin, "name", None) != "slurm":  # local, dry run, or inside a SLURM job
         return wanted
     try:
@@ -148,16 +157,29 @@ def job_threads(stage):
     return threads
 
 
+def user_cpus_per_task(stage):
+    """A rule's cpus_per_task as the user's set-resources gives it (what sbatch then gets), else None."""
+    own = user_resource(stage, "cpus_per_task")
+    try:
+        return None if own is None else int(own)
+    except ValueError:  # an expression: Snakemake evaluates it per job, past this check
+        return None
+
+
 def job_resources(stage):
     """`resources: **job_resources(stage)`: every scheduler resource, from the job's spec and capped threads.
-    The job's threads are those job_threads fitted, or a user's set-threads, which bypasses job_threads and
+    The job's CPUs are the threads job_threads fitted, unless the user set them: a set-threads (which
+    bypasses job_threads) or set-resources' cpus_per_task (which bypasses this one's resource of that name)
     is checked here against the partition instead."""
 
     def one(name):
         def resource(w, threads):
             spec = PLAN.spec(stage, w.key)
-            if name == "cpus_per_task":
-                slurm_fit(stage, spec, threads, fixed=True)
+            user = user_cpus_per_task(stage)
+            if user is not None:
+                slurm_fit(stage, spec, user, fixed="cpus_per_task")
+            elif name == "cpus_per_task":
+                slurm_fit(stage, spec, threads, fixed="set-threads")
             return pipeline_resources.job(stage, spec, threads)[name]
 
         return resource
