@@ -303,13 +303,12 @@ def main(argv=None):
     if args.spec or args.row:
         for target in cli.targets("core", args):
             cli.run_target(target, run)
-        leave_process_group()
     elif (args.checkpoint or args.hf_model) and args.bundle and args.out:
         by_hand(args)
-        leave_process_group()
     else:
         ap.error("give --spec, --row, or --bundle and --out with --checkpoint (and --tokenizer where its store "
                  "manifest does not lead to one) or --hf-model")
+    leave_process_group()
     return 0
 
 
